@@ -1,0 +1,3 @@
+"""Model families; importing a module registers its models in timm's registry."""
+from . import plainmamba
+from . import vim

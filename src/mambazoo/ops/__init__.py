@@ -1,0 +1,5 @@
+"""The selective scan and its companions: one public API over reference, PyTorch, native CPU and Triton backends."""
+from .causal_conv1d import causal_conv1d
+from .selective_scan import BACKENDS, available_backends, backend_status, selective_scan
+
+__all__ = ["BACKENDS", "available_backends", "backend_status", "causal_conv1d", "selective_scan"]

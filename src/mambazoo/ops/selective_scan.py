@@ -1,0 +1,201 @@
+"""Public selective-scan entry point: argument checks and backend dispatch."""
+import contextlib
+import importlib
+import os
+import sys
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .fused import FusedKernel, register_kernel, registered_kernels, selective_scan_fused
+from .reference import selective_scan_reference
+from .torch_scan import selective_scan_torch
+
+__all__ = ["selective_scan", "available_backends", "backend_status", "route_through_custom_op", "BACKENDS"]
+
+BACKENDS = ("reference", "torch", "native", "triton")
+_FUSED_BACKENDS = {"native": "mambazoo.ops.native", "triton": "mambazoo.ops.triton_scan"}
+_DISABLE_ENV = {"native": "MAMBAZOO_DISABLE_NATIVE", "triton": "MAMBAZOO_DISABLE_TRITON"}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_status: dict[str, str] = {}
+_route_through_custom_op = False
+
+
+def backend_status() -> dict[str, str]:
+    """Every backend with ``"available"`` or the reason it is not (e.g. no compiler at install time)."""
+    if not _status:
+        _status.update(reference="available", torch="available")
+        for name, module in _FUSED_BACKENDS.items():
+            _status[name] = _load_fused_backend(name, module)
+    return dict(_status)
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the backends usable in this installation."""
+    return tuple(name for name, status in backend_status().items() if status == "available")
+
+
+def _load_fused_backend(name: str, module_name: str) -> str:
+    if os.environ.get(_DISABLE_ENV[name], "0") not in ("", "0"):
+        return f"disabled by {_DISABLE_ENV[name]}"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        return f"not importable: {error}"
+    if name not in registered_kernels():
+        return getattr(module, "UNAVAILABLE_REASON", "kernel not registered")
+    return "available"
+
+
+def _check_tensor(name: str, tensor: Tensor, shape: tuple, device: torch.device) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but u is on {device}")
+
+
+def _check_arguments(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if not isinstance(u, Tensor) or u.dim() != 3:
+        raise ValueError(f"u must be a (batch, length, dim) tensor, got {getattr(u, 'shape', type(u).__name__)}")
+    if not isinstance(A, Tensor) or A.dim() != 2:
+        raise ValueError(f"A must be a (dim, d_state) tensor, got {getattr(A, 'shape', type(A).__name__)}")
+    batch, length, dim = u.shape
+    d_state = A.shape[1]
+    if length == 0:
+        raise ValueError("u has length 0: the scan needs at least one step")
+    device = u.device
+    _check_tensor("u", u, (batch, length, dim), device)
+    _check_tensor("delta", delta, (batch, length, dim), device)
+    _check_tensor("A", A, (dim, d_state), device)
+    _check_tensor("B", B, (batch, length, d_state), device)
+    _check_tensor("C", C, (batch, length, d_state), device)
+    for name, tensor in (("D", D), ("delta_bias", delta_bias)):
+        if tensor is not None:
+            _check_tensor(name, tensor, (dim,), device)
+    if z is not None:
+        _check_tensor("z", z, (batch, length, dim), device)
+    for name, tensor in (("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if tensor is not None and tensor.dtype != u.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but u has {u.dtype}; cast them to one dtype")
+    if A.device.type == "cpu" and not torch.compiler.is_compiling() and bool((A.detach() > 0).any()):
+        raise ValueError("A has positive entries; the scan needs A <= 0 (models pass A = -exp(A_log))")
+
+
+def _resolve_backend(backend: str, u: Tensor) -> str:
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    available = available_backends()
+    if backend == "auto":
+        if u.dtype == torch.float64:
+            return "torch"
+        preferred = "triton" if u.device.type == "cuda" else "native" if u.device.type == "cpu" else "torch"
+        return preferred if preferred in available else "torch"
+    if backend not in available:
+        raise ValueError(f"scan backend {backend!r} is unavailable: {backend_status()[backend]}")
+    return backend
+
+
+def _torch_kernel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    y, last_state = selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    return y, last_state, last_state.new_zeros((u.shape[0], 1) + tuple(last_state.shape[1:]))
+
+
+def _torch_kernel_backward(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
+                           delta_softplus, reverse):
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    present = [t for t in inputs if t is not None]
+
+    def forward(*tensors: Tensor) -> tuple[Tensor, Tensor]:
+        supplied = iter(tensors)
+        return selective_scan_torch(*(None if t is None else next(supplied) for t in inputs), delta_softplus, reverse)
+
+    (y, last_state), vjp = torch.func.vjp(forward, *present)
+    grad_last_state = torch.zeros_like(last_state) if grad_last_state is None else grad_last_state
+    grads = iter(vjp((grad_y.to(y.dtype), grad_last_state.to(last_state.dtype))))
+    return tuple(u.new_empty((0,)) if t is None else next(grads) for t in inputs)
+
+
+# The pure-PyTorch scan as a fused-op kernel (one chunk, backward by recomputation with autograd). It is used only
+# under route_through_custom_op(), so that tools that intercept ops (FLOP counters) see one op per scan call.
+register_kernel("torch", FusedKernel(_torch_kernel_forward, _torch_kernel_backward, chunk_size=sys.maxsize))
+
+
+@contextlib.contextmanager
+def route_through_custom_op() -> Iterator[None]:
+    """Within this context every scan runs as one ``torch.ops.mambazoo.selective_scan_fused`` call.
+
+    Scans that would use the ``reference`` or ``torch`` backend run the PyTorch implementation inside the custom op;
+    fused backends already do. ``mambazoo.flops`` uses this to count each scan call once, whatever the backend.
+    """
+    global _route_through_custom_op
+    previous, _route_through_custom_op = _route_through_custom_op, True
+    try:
+        yield
+    finally:
+        _route_through_custom_op = previous
+
+
+def selective_scan(
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Optional[Tensor] = None,
+        z: Optional[Tensor] = None,
+        delta_bias: Optional[Tensor] = None,
+        delta_softplus: bool = True,
+        reverse: bool = False,
+        return_last_state: bool = False,
+        backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan (Mamba's S6) in the channels-last layout.
+
+    With Δ' = softplus(delta + delta_bias) (each part optional) and h_{-1} = 0::
+
+        h_t = exp(Δ'_t A) * h_{t-1} + Δ'_t * B_t * u_t        (per channel d and state n)
+        y_t = sum_n C_t[n] * h_t[:, n] + D * u_t,   then   y_t *= SiLU(z_t)
+
+    Layout: ``u``, ``delta`` and ``z`` are (batch, length, dim) — the layout a Linear layer produces, so no
+    transposes are needed; ``B`` and ``C`` are (batch, length, d_state); ``A`` is (dim, d_state) with A <= 0
+    (checked for CPU tensors; on accelerators the check would cost a host sync per call);
+    ``D`` and ``delta_bias`` are (dim,). Independent scans (e.g. several scan paths) are batched along the batch
+    dimension; inputs they share may be ``expand``-ed views. State and accumulation are float32 (float64 for float64
+    inputs on the ``reference``/``torch`` backends); float16/bfloat16 inputs are accepted and y has u's dtype.
+
+    Args:
+        u: Input sequence.
+        delta: Step size before bias and softplus.
+        A: State matrix (non-positive).
+        B: Input-dependent input projection.
+        C: Input-dependent output projection.
+        D: Optional skip connection.
+        z: Optional gate.
+        delta_bias: Optional step bias (models with a doubled dt bias pass the bias here *and* inside delta).
+        delta_softplus: Apply softplus to the biased step.
+        reverse: Scan from the last step to the first (equals flipping every input and the output along length).
+        return_last_state: Also return the final state, (batch, dim, d_state) float32 (float64 for float64 inputs).
+        backend: ``"auto"`` (native on CPU, Triton on CUDA, else torch), ``"reference"``, ``"torch"``,
+            ``"native"`` or ``"triton"``.
+
+    Returns:
+        y (batch, length, dim), or (y, last_state) when ``return_last_state``.
+    """
+    _check_arguments(u, delta, A, B, C, D, z, delta_bias)
+    name = _resolve_backend(backend, u)
+    if _route_through_custom_op and name in ("reference", "torch"):
+        name = "torch_custom_op"
+    if name == "reference":
+        y, last_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    elif name == "torch":
+        y, last_state = selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    elif name == "torch_custom_op":
+        y, last_state = selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, "torch")
+    else:
+        y, last_state = selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, name)
+    return (y, last_state) if return_last_state else y
