@@ -197,14 +197,21 @@ def test_random_shapes_match_reference(batch, length, dim, d_state, reverse, fla
         assert relative_error(y, expected) < value_tolerance(backend), backend
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_matches_eager(backend):
     inputs = make_scan_inputs(2, 24, 8, 4, seed=9, dtype=torch.float32)
 
-    def gated_scan(u, delta, A, B, C, D, z, delta_bias):
-        return selective_scan(u * 2, delta, A, B, C, D, z, delta_bias, reverse=True).sum(-1)
+    def doubled_input_scan(u, delta, A, B, C, D, z, delta_bias):
+        return selective_scan(u * 2, delta, A, B, C, D, z, delta_bias, reverse=True, backend=backend)
 
-    compiled = torch.compile(gated_scan, fullgraph=True)
-    torch.testing.assert_close(compiled(*inputs.tensors()), gated_scan(*inputs.tensors()), rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(doubled_input_scan, fullgraph=True)
+    eager_leaves, compiled_leaves = inputs.detached_leaves(), inputs.detached_leaves()
+    y_eager, y_compiled = doubled_input_scan(*eager_leaves.tensors()), compiled(*compiled_leaves.tensors())
+    torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
+    y_eager.square().sum().backward()
+    y_compiled.square().sum().backward()
+    for name, eager, traced in zip(GRAD_NAMES, eager_leaves.tensors(), compiled_leaves.tensors()):
+        torch.testing.assert_close(traced.grad, eager.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("change, error, message", [

@@ -1,13 +1,16 @@
 """Pure-PyTorch selective scan: any device, any step size, autograd, traceable.
 
 Algorithm (chunk-parallel recurrence). The state recurrence h_t = a_t * h_{t-1} + x_t with a_t = exp(Δ_t A) is split
-into chunks of ``chunk_size`` steps. A first sequential pass runs every chunk from a zero state, one vectorised
-step for all chunks at once, and keeps only the chunk ends; these form a shorter recurrence of the same kind (decay =
-the product of the chunk's decays), solved recursively, which gives the state entering every chunk; a second pass
-re-runs the chunks from their entering states and keeps every state. Every factor is an exponential of a
-non-positive number, so nothing can overflow whatever the step size (unlike the factored closed form exp(cumsum) * cumsum(exp(-cumsum)), see ``scan.md`` §4). The Python
-loop runs ``chunk_size`` steps per recursion level instead of one per time step, and autograd never indexes single
-steps (``unbind`` + ``stack``), so the backward is linear in the length.
+into chunks of ``chunk_size`` steps. A first sequential pass runs every chunk from a zero state, one vectorised step
+for all chunks at once, and keeps only the chunk ends; these form a shorter recurrence of the same kind (decay = the
+product of the chunk's decays), solved recursively, which gives the state entering every chunk; a second pass re-runs
+the chunks from their entering states and writes every state. Every factor is an exponential of a non-positive
+number, so nothing can overflow whatever the step size (unlike the factored closed form
+exp(cumsum) * cumsum(exp(-cumsum)), see ``scan.md`` §4). The Python loop runs ``chunk_size`` steps per recursion
+level instead of one per time step.
+
+The backward is the adjoint recurrence g_t = grad_t + a_{t+1} g_{t+1}, i.e. the same scan run in reverse, so autograd
+never records per-step operations and the backward costs about one more scan.
 
 The (batch, length, dim, d_state) temporaries are built one block of time steps at a time (about ``BLOCK_ELEMENTS``
 elements each, the state carried between blocks): small temporaries stay in cache and are recycled by the allocator,
@@ -23,19 +26,75 @@ DEFAULT_CHUNK_SIZE = 16
 BLOCK_ELEMENTS = 1 << 20
 
 
-def _run_steps(decay: Tensor, increment: Tensor, initial: Optional[Tensor], dim: int,
-               keep_all: bool) -> Tensor:
+def _run_steps(decay: Tensor, increment: Tensor, initial: Optional[Tensor], dim: int, keep_all: bool) -> Tensor:
     """Run h_t = decay_t * h_{t-1} + increment_t along ``dim`` from ``initial`` (None = zero state).
 
-    Returns every state stacked along ``dim`` if ``keep_all``, else only the last one.
+    Returns every state (shaped like ``increment``) if ``keep_all``, else the last one. Eagerly the states are written
+    into one preallocated tensor; under torch.compile (which rejects strided ``out=``) they are stacked.
     """
+    write_in_place = keep_all and not torch.compiler.is_compiling()
+    states = torch.empty_like(increment) if write_in_place else []
     state = initial
-    states = []
-    for decay_t, increment_t in zip(decay.unbind(dim), increment.unbind(dim)):
-        state = increment_t if state is None else torch.addcmul(increment_t, decay_t, state)
-        if keep_all:
+    for step, (decay_t, increment_t) in enumerate(zip(decay.unbind(dim), increment.unbind(dim))):
+        destination = states.select(dim, step) if write_in_place else None
+        if state is None:
+            state = increment_t if destination is None else destination.copy_(increment_t)
+        else:
+            state = torch.addcmul(increment_t, decay_t, state, out=destination)
+        if keep_all and not write_in_place:
             states.append(state)
-    return torch.stack(states, dim) if keep_all else state
+    if not keep_all:
+        return state
+    return states if write_in_place else torch.stack(states, dim)
+
+
+def _pad_steps(tensor: Tensor, before: int, after: int) -> Tensor:
+    """Zero-pad dim 1 of a (batch, length, ...) tensor."""
+    return F.pad(tensor, (0, 0) * (tensor.dim() - 2) + (before, after))
+
+
+def _scan_states(log_decay: Tensor, increment: Tensor, initial: Optional[Tensor], chunk_size: int) -> Tensor:
+    """Every state of the recurrence along dim 1 (no autograd); see the module docstring."""
+    length = log_decay.shape[1]
+    if length <= chunk_size:
+        return _run_steps(log_decay.exp(), increment, initial, dim=1, keep_all=True)
+    pad = (-length) % chunk_size  # padded steps carry decay 1 and no input: they only extend the last chunk
+    log_decay, increment = _pad_steps(log_decay, 0, pad), _pad_steps(increment, 0, pad)
+    batch, padded, *rest = increment.shape
+    chunked = (batch, padded // chunk_size, chunk_size, *rest)
+    log_decay, increment = log_decay.reshape(chunked), increment.reshape(chunked)
+    decay = log_decay.exp()
+
+    local_ends = _run_steps(decay, increment, None, dim=2, keep_all=False)
+    chunk_ends = _scan_states(log_decay.sum(2), local_ends, initial, chunk_size)
+    if initial is None:
+        entering = _pad_steps(chunk_ends[:, :-1], 1, 0)
+    else:
+        entering = torch.cat([initial.unsqueeze(1), chunk_ends[:, :-1]], dim=1)
+    states = _run_steps(decay, increment, entering, dim=2, keep_all=True)
+    return states.reshape(batch, padded, *rest)[:, :length]
+
+
+class _LinearScan(torch.autograd.Function):
+    """Autograd wrapper: the backward is the adjoint recurrence, itself a (reversed) linear scan."""
+
+    @staticmethod
+    def forward(ctx, log_decay: Tensor, increment: Tensor, initial: Optional[Tensor], chunk_size: int) -> Tensor:
+        states = _scan_states(log_decay, increment, initial, chunk_size)
+        ctx.save_for_backward(log_decay, states, initial)
+        ctx.chunk_size = chunk_size
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: Tensor):
+        log_decay, states, initial = ctx.saved_tensors
+        next_log_decay = _pad_steps(log_decay[:, 1:], 0, 1)
+        adjoint = _scan_states(next_log_decay.flip(1), grad_states.flip(1), None, ctx.chunk_size).flip(1)
+        previous = torch.cat([initial.unsqueeze(1), states[:, :-1]], 1) if initial is not None else _pad_steps(
+            states[:, :-1], 1, 0)
+        decay_times_adjoint = adjoint * log_decay.exp()
+        grad_initial = decay_times_adjoint[:, 0] if initial is not None else None
+        return decay_times_adjoint * previous, adjoint, grad_initial, None
 
 
 def linear_scan(
@@ -44,7 +103,7 @@ def linear_scan(
         initial: Optional[Tensor] = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
-    """All states of h_t = exp(log_decay_t) * h_{t-1} + increment_t along dim 1.
+    """All states of h_t = exp(log_decay_t) * h_{t-1} + increment_t along dim 1, differentiable.
 
     Args:
         log_decay: Non-positive log decays, (batch, length, ...).
@@ -55,26 +114,7 @@ def linear_scan(
     Returns:
         The states, same shape as ``increment``.
     """
-    length = log_decay.shape[1]
-    if length <= chunk_size:
-        return _run_steps(log_decay.exp(), increment, initial, dim=1, keep_all=True)
-    pad = (-length) % chunk_size
-    if pad:  # padded steps carry decay 1 and no input: they only extend the last chunk
-        padding = (0, 0) * (log_decay.dim() - 2) + (0, pad)
-        log_decay, increment = F.pad(log_decay, padding), F.pad(increment, padding)
-    batch, padded, *rest = log_decay.shape
-    chunked = (batch, padded // chunk_size, chunk_size, *rest)
-    log_decay, increment = log_decay.reshape(chunked), increment.reshape(chunked)
-    decay = log_decay.exp()
-
-    local_ends = _run_steps(decay, increment, None, dim=2, keep_all=False)
-    chunk_ends = linear_scan(log_decay.sum(2), local_ends, initial, chunk_size)
-    if initial is None:
-        entering = F.pad(chunk_ends[:, :-1], (0, 0) * len(rest) + (1, 0))
-    else:
-        entering = torch.cat([initial.unsqueeze(1), chunk_ends[:, :-1]], dim=1)
-    states = _run_steps(decay, increment, entering, dim=2, keep_all=True)
-    return states.reshape(batch, padded, *rest)[:, :length]
+    return _LinearScan.apply(log_decay, increment, initial, chunk_size)
 
 
 def selective_scan_torch(
