@@ -16,7 +16,7 @@ $(STAMP): $(INSTALL_INPUTS)
 	touch $@
 
 demo: $(STAMP)
-	$(PY) benchmarks/scan.py --quick
+	$(PY) -m mambazoo.cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

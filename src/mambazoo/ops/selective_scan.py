@@ -120,8 +120,9 @@ def _torch_kernel_backward(grad_y, grad_last_state, u, delta, A, B, C, D, z, del
     return tuple(u.new_empty((0,)) if t is None else next(grads) for t in inputs)
 
 
-# The pure-PyTorch scan as a fused-op kernel (one chunk, backward by recomputation with autograd). It is used only
-# under route_through_custom_op(), so that tools that intercept ops (FLOP counters) see one op per scan call.
+# The pure-PyTorch scan as a fused-op kernel: one chunk; the backward recomputes the forward under torch.func.vjp.
+# It is used only under route_through_custom_op(), so that tools that intercept ops (FLOP counters) see one op per
+# scan call.
 register_kernel("torch", FusedKernel(_torch_kernel_forward, _torch_kernel_backward, chunk_size=sys.maxsize))
 
 

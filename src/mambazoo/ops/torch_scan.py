@@ -79,11 +79,14 @@ class _LinearScan(torch.autograd.Function):
     """Autograd wrapper: the backward is the adjoint recurrence, itself a (reversed) linear scan."""
 
     @staticmethod
-    def forward(ctx, log_decay: Tensor, increment: Tensor, initial: Optional[Tensor], chunk_size: int) -> Tensor:
-        states = _scan_states(log_decay, increment, initial, chunk_size)
-        ctx.save_for_backward(log_decay, states, initial)
+    def forward(log_decay: Tensor, increment: Tensor, initial: Optional[Tensor], chunk_size: int) -> Tensor:
+        return _scan_states(log_decay, increment, initial, chunk_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # separate from forward so that torch.func transforms work
+        log_decay, _, initial, chunk_size = inputs
+        ctx.save_for_backward(log_decay, output, initial)
         ctx.chunk_size = chunk_size
-        return states
 
     @staticmethod
     def backward(ctx, grad_states: Tensor):
