@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.layers import DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
 from ..ops import selective_scan
@@ -371,7 +371,7 @@ class PlainMamba(nn.Module):
             raster_ssm_inputs=raster_ssm_inputs,
             scan_backend=scan_backend,
         )
-        drop_path_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_path_rates = calculate_drop_path_rates(drop_path_rate, depth)
         self.layers = nn.ModuleList([
             PlainMambaLayer(embed_dim, drop_path_rates[i], i in dwconv_layers, mixer_kwargs, **dd)
             for i in range(depth)
