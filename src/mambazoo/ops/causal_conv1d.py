@@ -1,12 +1,16 @@
 """Depthwise causal 1-D convolution in the channels-last layout (the short conv in front of every Mamba scan)."""
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import native
 
 __all__ = ["causal_conv1d", "causal_conv1d_torch"]
 
 _ACTIVATIONS = (None, "silu")
+_BACKENDS = ("auto", "torch", "native")
 
 
 def causal_conv1d_torch(
@@ -31,6 +35,56 @@ def causal_conv1d_torch(
     return y.transpose(1, 2)
 
 
+@torch.library.custom_op("mambazoo::causal_conv1d_native", mutates_args=())
+def _causal_conv1d_native_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
+    return native.conv_forward(x, weight, bias, silu, reverse)
+
+
+@_causal_conv1d_native_op.register_fake
+def _causal_conv1d_native_fake(x, weight, bias, silu, reverse):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("mambazoo::causal_conv1d_native_bwd", mutates_args=())
+def _causal_conv1d_native_bwd_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
+                                 reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return native.conv_backward(grad_y, x, weight, bias, silu, reverse)
+
+
+@_causal_conv1d_native_bwd_op.register_fake
+def _causal_conv1d_native_bwd_fake(grad_y, x, weight, bias, silu, reverse):
+    dbias = x.new_empty((0,)) if bias is None else bias.new_empty(bias.shape)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias
+
+
+def _conv_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, silu, reverse = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.options = (silu, reverse)
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad_y: Tensor):
+    x, weight, bias = ctx.saved_tensors
+    dx, dweight, dbias = _causal_conv1d_native_bwd_op(grad_y.contiguous(), x, weight, bias, *ctx.options)
+    return dx, dweight, dbias if ctx.has_bias else None, None, None
+
+
+_causal_conv1d_native_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def _resolve_backend(backend: str, x: Tensor, kernel_size: int) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    native_usable = native.AVAILABLE and x.device.type == "cpu" and kernel_size <= native.MAX_KERNEL
+    if backend == "auto":
+        return "native" if native_usable and x.dtype != torch.float64 else "torch"
+    if backend == "native" and not native_usable:
+        reason = native.UNAVAILABLE_REASON or f"needs CPU tensors and kernel_size <= {native.MAX_KERNEL}"
+        raise ValueError(f"causal_conv1d backend 'native' is unavailable: {reason}")
+    return backend
+
+
 def causal_conv1d(
         x: Tensor,
         weight: Tensor,
@@ -48,7 +102,7 @@ def causal_conv1d(
         activation: ``"silu"`` or None.
         reverse: Anti-causal: the convolution runs from the end of the sequence, i.e.
             ``flip(causal_conv1d(flip(x)))`` along length (the backward branch of a bidirectional block).
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"`` (native on CPU when built, else torch), ``"torch"`` or ``"native"``.
 
     Returns:
         y, (batch, length, dim), in x's dtype.
@@ -60,6 +114,6 @@ def causal_conv1d(
         raise ValueError(f"bias must have shape ({x.shape[2]},), got {tuple(bias.shape)}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
+    if _resolve_backend(backend, x, weight.shape[1]) == "native":
+        return _causal_conv1d_native_op(x, weight, bias, activation == "silu", reverse)
     return causal_conv1d_torch(x, weight, bias, activation, reverse)
