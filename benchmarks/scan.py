@@ -55,8 +55,6 @@ def skip_reason(backend: str, batch: int, length: int, backward: bool) -> Option
     """Why a cell is not run, or None."""
     if backend not in backend_status() or backend_status()[backend] != "available":
         return f"backend unavailable: {backend_status().get(backend, 'unknown')}"
-    if backward and backend == "reference" and length > 197:
-        return "reference autograd indexes single steps: O(L²) backward, est. > 5 s per call (scan.md §4)"
     state_bytes = batch * length * DIM * D_STATE * 4
     if backward and backend != "native" and state_bytes > MAX_AUTOGRAD_STATE_BYTES:
         return (f"autograd keeps several (B,L,D,N) fp32 tensors of {state_bytes / 2**30:.1f} GiB "

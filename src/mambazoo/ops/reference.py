@@ -48,12 +48,13 @@ def selective_scan_reference(
         delta = F.softplus(delta)
     batch, length, dim = u.shape
     state = u.new_zeros(batch, dim, A.shape[1])
+    # Per-step views via unbind: indexing x[:, t] under autograd would make the backward O(L^2) (scan.md §4).
+    delta_t, u_t, B_t, C_t = (t.unbind(1) for t in (delta, u, B, C))
     outputs = [None] * length
-    steps = range(length - 1, -1, -1) if reverse else range(length)
-    for t in steps:
-        decay = torch.exp(delta[:, t, :, None] * A)
-        state = decay * state + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
-        outputs[t] = (state * C[:, t, None, :]).sum(-1)
+    for t in (range(length - 1, -1, -1) if reverse else range(length)):
+        decay = torch.exp(delta_t[t][:, :, None] * A)
+        state = decay * state + (delta_t[t] * u_t[t])[:, :, None] * B_t[t][:, None, :]
+        outputs[t] = (state * C_t[t][:, None, :]).sum(-1)
     y = torch.stack(outputs, dim=1)
     if D is not None:
         y = y + u * D.to(compute)
