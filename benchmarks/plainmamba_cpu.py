@@ -13,13 +13,13 @@ Usage: python benchmarks/plainmamba_cpu.py [--sizes 224 1024] [--rounds 5]
 import argparse
 import platform
 import statistics
-import time
 
 import timm
 import torch
 
 import mambazoo  # noqa: F401  (registers the models)
 from mambazoo.flops import count_model_macs
+from vim_cpu import time_forward  # the same timing as the Vim benchmark (scripts share this folder)
 
 MODELS = {"PlainMamba-L1": "plainmamba_l1", "DeiT-Ti": "deit_tiny_patch16_224", "Vim-Ti": "vim_tiny_patch16_224"}
 PUBLISHED_GFLOPS = {"plainmamba_l1": 3.0, "plainmamba_l2": 8.1, "plainmamba_l3": 14.4}
@@ -31,15 +31,6 @@ def flops_table() -> None:
         count = count_model_macs(timm.create_model(name, device="meta"))
         print(f"| {name} | {(count.total - count.scan) / 1e9:.3f} | {count.scan / 1e9:.3f} | {count.gmacs:.3f} | "
               f"{published} |", flush=True)
-
-
-def time_forward(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
-    """Seconds per forward, averaged over ``iters`` calls."""
-    with torch.inference_mode():
-        start = time.perf_counter()
-        for _ in range(iters):
-            model(x)
-        return (time.perf_counter() - start) / iters
 
 
 def speed_table(sizes: list[int], rounds: int) -> None:
