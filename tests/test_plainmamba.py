@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import mambazoo  # noqa: F401  (registers the models)
 from mambazoo.models.plainmamba import PlainMamba2D, checkpoint_filter_fn, zigzag_scan_orders
 from mambazoo.ops import available_backends
+from official_keys import read_key_shapes
 
 KEYS_L1 = Path(__file__).parent / "data" / "keys_plainmamba_l1.txt"  # copy of the spec's official key list
 
@@ -201,12 +202,7 @@ def test_every_variant_forward_backward(name):
 
 
 def _official_l1_keys() -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in KEYS_L1.read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape, _ = line.split("\t")
-            shapes[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return shapes
+    return read_key_shapes(KEYS_L1.name)
 
 
 def test_official_l1_key_list_loads_strictly():

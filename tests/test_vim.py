@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import mambazoo  # noqa: F401  (registers the models)
 from mambazoo.models.vim import checkpoint_filter_fn, resize_pos_embed
 from mambazoo.ops import available_backends
+from official_keys import read_key_shapes
 
 KEYS_FILE = Path(__file__).parent / "data" / "keys_vim_tiny.txt"
 VARIANTS = ["vim_tiny_patch16_224", "vim_tiny_patch16_stride8_224", "vim_small_patch16_224",
@@ -23,12 +24,7 @@ PARAM_COUNTS = dict(zip(VARIANTS, [7_148_008, 7_250_344, 25_796_584, 26_001_256,
 
 def official_keys() -> dict[str, tuple[int, ...]]:
     """Key -> shape of the official Vim-Ti state dict (from the spec's dump of the official model)."""
-    keys = {}
-    for line in KEYS_FILE.read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape, _ = line.split("\t")
-            keys[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return keys
+    return read_key_shapes(KEYS_FILE.name)
 
 
 def random_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:

@@ -1,5 +1,4 @@
 """The zoo: listing and creating models through timm, the metadata table, MambaOut's official checkpoint layout."""
-import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +7,7 @@ from timm.models import model_entrypoint
 
 import mambazoo
 from mambazoo.zoo import MODEL_INFO, load_official_mambaout_state_dict, metadata_table, model_info
+from official_keys import parse_key_line
 
 KEYS_FILE = Path(__file__).parent / "data" / "keys_mambaout_femto.txt"  # copy of specs/keys/keys_mambaout_femto.txt
 MAMBAOUT = ["mambaout_femto", "mambaout_kobe", "mambaout_tiny", "mambaout_small", "mambaout_base"]
@@ -86,9 +86,8 @@ def _key_sections() -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
             current = official
         elif line.startswith("# timm"):
             current = timm_names
-        elif line and not line.startswith("#") and current is not None:
-            key, shape = line.split("\t")
-            current.append((key, tuple(int(d) for d in re.findall(r"\d+", shape))))
+        elif (entry := parse_key_line(line)) is not None and current is not None:
+            current.append(entry)
     return official, timm_names
 
 

@@ -106,6 +106,21 @@ if triton is not None:
         return scan_index
 
     @triton.jit
+    def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, batch, rows, channels, states, seq_ok, proj_ok,
+                    stride_u_b, stride_u_l, stride_delta_b, stride_delta_l, stride_B_b, stride_B_l,
+                    stride_C_b, stride_C_l):
+        """A chunk's (steps, channels) tiles of delta and u and (steps, states) tiles of B and C, in float32."""
+        delta = tl.load(delta_ptr + batch * stride_delta_b + rows[:, None] * stride_delta_l + channels[None, :],
+                        mask=seq_ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + batch * stride_u_b + rows[:, None] * stride_u_l + channels[None, :],
+                    mask=seq_ok, other=0.0).to(tl.float32)
+        B = tl.load(B_ptr + batch * stride_B_b + rows[:, None] * stride_B_l + states[None, :],
+                    mask=proj_ok, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + batch * stride_C_b + rows[:, None] * stride_C_l + states[None, :],
+                    mask=proj_ok, other=0.0).to(tl.float32)
+        return delta, u, B, C
+
+    @triton.jit
     def _selective_scan_fwd_kernel(
             u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
             y_ptr, last_state_ptr, chunk_states_ptr,
@@ -135,14 +150,9 @@ if triton is not None:
             rows = _rows(scan_index, length, REVERSE)
             seq_ok = row_ok[:, None] & channel_ok[None, :]
             proj_ok = row_ok[:, None] & state_ok[None, :]
-            delta = tl.load(delta_ptr + batch * stride_delta_b + rows[:, None] * stride_delta_l + channels[None, :],
-                            mask=seq_ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + batch * stride_u_b + rows[:, None] * stride_u_l + channels[None, :],
-                        mask=seq_ok, other=0.0).to(tl.float32)
-            B = tl.load(B_ptr + batch * stride_B_b + rows[:, None] * stride_B_l + states[None, :],
-                        mask=proj_ok, other=0.0).to(tl.float32)
-            C = tl.load(C_ptr + batch * stride_C_b + rows[:, None] * stride_C_l + states[None, :],
-                        mask=proj_ok, other=0.0).to(tl.float32)
+            delta, u, B, C = _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, batch, rows, channels, states, seq_ok,
+                                         proj_ok, stride_u_b, stride_u_l, stride_delta_b, stride_delta_l,
+                                         stride_B_b, stride_B_l, stride_C_b, stride_C_l)
             step, _ = _step_size(delta, bias, HAS_BIAS, SOFTPLUS)
             step = tl.where(seq_ok, step, 0.0)
             decay = tl.exp2(step[:, :, None] * A[None, :, :])
@@ -203,14 +213,9 @@ if triton is not None:
             seq_ok = row_ok[:, None] & channel_ok[None, :]
             proj_ok = row_ok[:, None] & state_ok[None, :]
             seq_offsets = rows[:, None] * dim + channels[None, :]
-            delta = tl.load(delta_ptr + batch * stride_delta_b + rows[:, None] * stride_delta_l + channels[None, :],
-                            mask=seq_ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + batch * stride_u_b + rows[:, None] * stride_u_l + channels[None, :],
-                        mask=seq_ok, other=0.0).to(tl.float32)
-            B = tl.load(B_ptr + batch * stride_B_b + rows[:, None] * stride_B_l + states[None, :],
-                        mask=proj_ok, other=0.0).to(tl.float32)
-            C = tl.load(C_ptr + batch * stride_C_b + rows[:, None] * stride_C_l + states[None, :],
-                        mask=proj_ok, other=0.0).to(tl.float32)
+            delta, u, B, C = _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, batch, rows, channels, states, seq_ok,
+                                         proj_ok, stride_u_b, stride_u_l, stride_delta_b, stride_delta_l,
+                                         stride_B_b, stride_B_l, stride_C_b, stride_C_l)
             grad_y = tl.load(grad_y_ptr + batch * length * dim + seq_offsets, mask=seq_ok, other=0.0).to(tl.float32)
             step, biased = _step_size(delta, bias, HAS_BIAS, SOFTPLUS)
             step = tl.where(seq_ok, step, 0.0)
