@@ -249,6 +249,6 @@ def test_unavailable_backend_explains_why():
     missing = [name for name, status in backend_status().items() if status != "available"]
     if not missing:
         pytest.skip("every backend is available here")
-    with pytest.raises(ValueError, match=f"scan backend '{missing[0]}' is unavailable"):
+    with pytest.raises(ValueError, match=f"selective_scan backend '{missing[0]}' cannot run this call"):
         selective_scan(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), -torch.ones(1, 1), torch.zeros(1, 2, 1),
                        torch.zeros(1, 2, 1), backend=missing[0])

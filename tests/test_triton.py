@@ -255,7 +255,7 @@ def test_torch_compile_fullgraph_matches_eager():
 @pytest.mark.skipif(MODE is not None, reason="only meaningful without CUDA and without the interpreter")
 def test_backend_reports_why_it_is_unavailable():
     assert "no CUDA device" in backend_status()["triton"]
-    with pytest.raises(ValueError, match="scan backend 'triton' is unavailable: no CUDA device"):
+    with pytest.raises(ValueError, match="selective_scan backend 'triton' cannot run this call: no CUDA device"):
         selective_scan(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), -torch.ones(1, 1), torch.zeros(1, 2, 1),
                        torch.zeros(1, 2, 1), backend="triton")
 

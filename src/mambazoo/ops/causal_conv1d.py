@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
+from .capabilities import resolve_backend
 
 __all__ = ["causal_conv1d", "causal_conv1d_torch"]
 
 _ACTIVATIONS = (None, "silu")
-_BACKENDS = ("auto", "torch", "native")
 
 
 def causal_conv1d_torch(
@@ -73,18 +73,6 @@ def _conv_backward(ctx, grad_y: Tensor):
 _causal_conv1d_native_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
-def _resolve_backend(backend: str, x: Tensor, kernel_size: int) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    native_usable = native.AVAILABLE and x.device.type == "cpu" and kernel_size <= native.MAX_KERNEL
-    if backend == "auto":
-        return "native" if native_usable and x.dtype != torch.float64 else "torch"
-    if backend == "native" and not native_usable:
-        reason = native.UNAVAILABLE_REASON or f"needs CPU tensors and kernel_size <= {native.MAX_KERNEL}"
-        raise ValueError(f"causal_conv1d backend 'native' is unavailable: {reason}")
-    return backend
-
-
 def causal_conv1d(
         x: Tensor,
         weight: Tensor,
@@ -102,7 +90,8 @@ def causal_conv1d(
         activation: ``"silu"`` or None.
         reverse: Anti-causal: the convolution runs from the end of the sequence, i.e.
             ``flip(causal_conv1d(flip(x)))`` along length (the backward branch of a bidirectional block).
-        backend: ``"auto"`` (native on CPU when built, else torch), ``"torch"`` or ``"native"``.
+        backend: ``"auto"`` (native on CPU when built and the kernel size fits, else torch; see
+            :mod:`mambazoo.ops.capabilities`), ``"torch"`` or ``"native"``.
 
     Returns:
         y, (batch, length, dim), in x's dtype.
@@ -114,6 +103,7 @@ def causal_conv1d(
         raise ValueError(f"bias must have shape ({x.shape[2]},), got {tuple(bias.shape)}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    if _resolve_backend(backend, x, weight.shape[1]) == "native":
+    name = resolve_backend("causal_conv1d", backend, x.device, x.dtype, kernel_size=weight.shape[1])
+    if name == "native":
         return _causal_conv1d_native_op(x, weight, bias, activation == "silu", reverse)
     return causal_conv1d_torch(x, weight, bias, activation, reverse)

@@ -1,51 +1,32 @@
 """Public selective-scan entry point: argument checks and backend dispatch."""
 import contextlib
-import importlib
-import os
 import sys
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .fused import FusedKernel, register_kernel, registered_kernels, selective_scan_fused
+from . import capabilities
+from .capabilities import backend_names, resolve_backend
+from .fused import FusedKernel, register_kernel, selective_scan_fused
 from .reference import selective_scan_reference
 from .torch_scan import selective_scan_torch
 
 __all__ = ["selective_scan", "available_backends", "backend_status", "route_through_custom_op", "BACKENDS"]
 
-BACKENDS = ("reference", "torch", "native", "triton")
-_FUSED_BACKENDS = {"native": "mambazoo.ops.native", "triton": "mambazoo.ops.triton_scan"}
-_DISABLE_ENV = {"native": "MAMBAZOO_DISABLE_NATIVE", "triton": "MAMBAZOO_DISABLE_TRITON"}
+BACKENDS = backend_names("selective_scan")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_status: dict[str, str] = {}
 _route_through_custom_op = False
 
 
 def backend_status() -> dict[str, str]:
-    """Every backend with ``"available"`` or the reason it is not (e.g. no compiler at install time)."""
-    if not _status:
-        _status.update(reference="available", torch="available")
-        for name, module in _FUSED_BACKENDS.items():
-            _status[name] = _load_fused_backend(name, module)
-    return dict(_status)
+    """Every scan backend with ``"available"`` or the reason it is not (e.g. no compiler at install time)."""
+    return capabilities.backend_status("selective_scan")
 
 
 def available_backends() -> tuple[str, ...]:
-    """Names of the backends usable in this installation."""
+    """Names of the scan backends usable in this installation."""
     return tuple(name for name, status in backend_status().items() if status == "available")
-
-
-def _load_fused_backend(name: str, module_name: str) -> str:
-    if os.environ.get(_DISABLE_ENV[name], "0") not in ("", "0"):
-        return f"disabled by {_DISABLE_ENV[name]}"
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        return f"not importable: {error}"
-    if name not in registered_kernels():
-        return getattr(module, "UNAVAILABLE_REASON", "kernel not registered")
-    return "available"
 
 
 def _check_tensor(name: str, tensor: Tensor, shape: tuple, device: torch.device) -> None:
@@ -86,18 +67,8 @@ def _check_arguments(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError("A has positive entries; the scan needs A <= 0 (models pass A = -exp(A_log))")
 
 
-def _resolve_backend(backend: str, u: Tensor) -> str:
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    available = available_backends()
-    if backend == "auto":
-        if u.dtype == torch.float64:
-            return "torch"
-        preferred = "triton" if u.device.type == "cuda" else "native" if u.device.type == "cpu" else "torch"
-        return preferred if preferred in available else "torch"
-    if backend not in available:
-        raise ValueError(f"scan backend {backend!r} is unavailable: {backend_status()[backend]}")
-    return backend
+def _resolve_backend(backend: str, u: Tensor, d_state: int) -> str:
+    return resolve_backend("selective_scan", backend, u.device, u.dtype, d_state=d_state)
 
 
 def _torch_kernel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
@@ -181,14 +152,15 @@ def selective_scan(
         delta_softplus: Apply softplus to the biased step.
         reverse: Scan from the last step to the first (equals flipping every input and the output along length).
         return_last_state: Also return the final state, (batch, dim, d_state) float32 (float64 for float64 inputs).
-        backend: ``"auto"`` (native on CPU, Triton on CUDA, else torch), ``"reference"``, ``"torch"``,
-            ``"native"`` or ``"triton"``.
+        backend: ``"auto"`` (the first backend of :data:`mambazoo.ops.capabilities.CAPABILITIES` that supports
+            the call: Triton on CUDA, native on CPU, else torch), ``"reference"``, ``"torch"``, ``"native"`` or
+            ``"triton"``.
 
     Returns:
         y (batch, length, dim), or (y, last_state) when ``return_last_state``.
     """
     _check_arguments(u, delta, A, B, C, D, z, delta_bias)
-    name = _resolve_backend(backend, u)
+    name = _resolve_backend(backend, u, A.shape[1])
     if _route_through_custom_op and name in ("reference", "torch"):
         name = "torch_custom_op"
     if name == "reference":

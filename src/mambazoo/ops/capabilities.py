@@ -1,0 +1,156 @@
+"""One table of what every kernel can run; the backend choice of every op in :mod:`mambazoo.ops` is made here.
+
+Each op lists its backends in order of preference. ``backend="auto"`` picks the first one that is available in this
+installation and supports the call (device, dtype and size limits such as ``d_state`` or the conv kernel size); an
+explicitly requested backend that cannot run the call raises a ValueError naming the reason. Adding a backend means
+adding a row here (and the kernel module the row names); nothing else decides dispatch.
+
+Compiled backends live in their own modules, imported on first use. Such a module exposes ``AVAILABLE`` and
+``UNAVAILABLE_REASON`` (e.g. no C compiler at install time, no CUDA device) and the attributes a row refers to by
+name (limits known only once the library is loaded, such as the native kernel's largest ``d_state``).
+"""
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["Backend", "CAPABILITIES", "backend_names", "backend_status", "resolve_backend", "unsupported_reason"]
+
+ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SINGLE_AND_HALF = (torch.float16, torch.bfloat16, torch.float32)
+
+Limit = Union[int, str]  # an int, or the name of an attribute of the backend's module holding it
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the table: a kernel of an op and the calls it supports.
+
+    Attributes:
+        name: Backend name as users pass it (``backend="native"``).
+        devices: Device types it runs on (None: any device, meta included).
+        dtypes: Input dtypes it accepts (it may compute in float32 and cast back).
+        auto_devices: Device types on which ``auto`` may pick it (default: ``devices``).
+        auto_dtypes: Input dtypes for which ``auto`` may pick it (default: ``dtypes``); e.g. float64 goes to a
+            backend that computes in float64.
+        limits: Largest supported value of each size feature of a call (``{"d_state": 16}``).
+        module: Kernel module imported on first use; it reports ``AVAILABLE`` / ``UNAVAILABLE_REASON``.
+        disable_env: Environment variable that switches the backend off when set to anything but ``""``/``"0"``.
+        auto: Whether ``auto`` may pick it at all (False for slow oracles).
+    """
+
+    name: str
+    devices: Optional[tuple[str, ...]] = None
+    dtypes: tuple[torch.dtype, ...] = ALL_FLOATS
+    auto_devices: Optional[tuple[str, ...]] = None
+    auto_dtypes: Optional[tuple[torch.dtype, ...]] = None
+    limits: tuple[tuple[str, Limit], ...] = ()
+    module: Optional[str] = None
+    disable_env: Optional[str] = None
+    auto: bool = True
+
+
+_NATIVE = dict(devices=("cpu",), module="mambazoo.ops.native", disable_env="MAMBAZOO_DISABLE_NATIVE",
+               auto_dtypes=SINGLE_AND_HALF)
+_TRITON = dict(devices=("cuda", "cpu"), auto_devices=("cuda",), dtypes=SINGLE_AND_HALF,
+               module="mambazoo.ops.triton_scan", disable_env="MAMBAZOO_DISABLE_TRITON")
+
+CAPABILITIES: dict[str, tuple[Backend, ...]] = {
+    "selective_scan": (
+        Backend("triton", **_TRITON),  # on CPU tensors only under TRITON_INTERPRET=1 (the module checks)
+        Backend("native", limits=(("d_state", "MAX_STATE"),), **_NATIVE),
+        Backend("torch"),
+        Backend("reference", auto=False),
+    ),
+    "causal_conv1d": (
+        Backend("native", limits=(("kernel_size", "MAX_KERNEL"),), **_NATIVE),
+        Backend("torch"),
+    ),
+}
+
+# Filled once per (op, backend) on first use; plain dict lookups afterwards, so torch.compile traces dispatch.
+_status: dict[tuple[str, str], str] = {}
+_limits: dict[tuple[str, str], dict[str, int]] = {}
+
+
+def backend_names(op: str) -> tuple[str, ...]:
+    """The backends of ``op`` in order of preference."""
+    return tuple(row.name for row in _rows(op))
+
+
+def _rows(op: str) -> tuple[Backend, ...]:
+    if op not in CAPABILITIES:
+        raise ValueError(f"unknown op {op!r}; ops: {sorted(CAPABILITIES)}")
+    return CAPABILITIES[op]
+
+
+def _row(op: str, name: str) -> Backend:
+    for row in _rows(op):
+        if row.name == name:
+            return row
+    raise ValueError(f"{op} backend must be 'auto' or one of {backend_names(op)}, got {name!r}")
+
+
+def _load(row: Backend) -> tuple[str, dict[str, int]]:
+    """Import the row's kernel module: its status and its resolved limits."""
+    if row.disable_env and os.environ.get(row.disable_env, "0") not in ("", "0"):
+        return f"disabled by {row.disable_env}", {}
+    module = None
+    if row.module is not None:
+        try:
+            module = importlib.import_module(row.module)
+        except ImportError as error:
+            return f"not importable: {error}", {}
+        if not module.AVAILABLE:
+            return module.UNAVAILABLE_REASON, {}
+    limits = {feature: getattr(module, value) if isinstance(value, str) else value for feature, value in row.limits}
+    return "available", limits
+
+
+def backend_status(op: str = "selective_scan") -> dict[str, str]:
+    """Every backend of ``op`` with ``"available"`` or the reason it is not (loading compiled backends once)."""
+    for row in _rows(op):
+        if (op, row.name) not in _status:
+            _status[op, row.name], _limits[op, row.name] = _load(row)
+    return {row.name: _status[op, row.name] for row in _rows(op)}
+
+
+def unsupported_reason(op: str, name: str, device: torch.device, dtype: torch.dtype, **features: int) -> Optional[str]:
+    """Why backend ``name`` of ``op`` cannot run a call with these properties, or None if it can."""
+    row = _row(op, name)
+    status = backend_status(op)[name]
+    if status != "available":
+        return status
+    if row.devices is not None and device.type not in row.devices:
+        return f"it runs on {'/'.join(row.devices)} tensors, got {device.type}"
+    if dtype not in row.dtypes:
+        return f"it accepts {', '.join(str(d).removeprefix('torch.') for d in row.dtypes)} inputs, got {dtype}"
+    for feature, maximum in _limits[op, name].items():
+        if feature in features and not 1 <= features[feature] <= maximum:
+            return f"it supports {feature} 1..{maximum}, got {features[feature]}"
+    return None
+
+
+def _auto_allows(row: Backend, device: torch.device, dtype: torch.dtype) -> bool:
+    devices = row.auto_devices if row.auto_devices is not None else row.devices
+    dtypes = row.auto_dtypes if row.auto_dtypes is not None else row.dtypes
+    return row.auto and (devices is None or device.type in devices) and dtype in dtypes
+
+
+def resolve_backend(op: str, requested: str, device: torch.device, dtype: torch.dtype, **features: int) -> str:
+    """The backend that runs a call of ``op``: the requested one if it can, else a ValueError saying why not.
+
+    ``"auto"`` gives the first backend in the table's order that is available, allowed for ``auto`` on this device
+    and dtype, and within its limits (the pure-PyTorch backend of every op accepts everything).
+    """
+    if requested == "auto":
+        for row in _rows(op):
+            if _auto_allows(row, device, dtype) and unsupported_reason(op, row.name, device, dtype, **features) is None:
+                return row.name
+        raise ValueError(f"no {op} backend supports {device.type} {dtype} inputs with {features}")
+    reason = unsupported_reason(op, requested, device, dtype, **features)
+    if reason is not None:
+        raise ValueError(f"{op} backend {requested!r} cannot run this call: {reason}")
+    return requested
