@@ -351,3 +351,40 @@ def test_compile_matches_eager():
         eager = model(x)
         compiled = torch.compile(model)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def _train_step(model: torch.nn.Module, images: torch.Tensor) -> None:
+    model.train()
+    model(images).logsumexp(-1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_training_after_inference_mode_forward_same_and_new_instance():
+    images = torch.randn(2, 3, 64, 64)
+    model = timm.create_model("test_plainmamba").eval()
+    with torch.inference_mode():
+        model(images)
+    _train_step(model, images)
+    _train_step(timm.create_model("test_plainmamba"), images)
+
+
+def test_meta_forward_then_cpu_forward():
+    with torch.device("meta"):
+        meta_model = timm.create_model("test_plainmamba")
+    assert meta_model(torch.empty(1, 3, 64, 64, device="meta")).device.type == "meta"
+    model = timm.create_model("test_plainmamba").eval()
+    logits = model(torch.randn(1, 3, 64, 64))
+    assert logits.device.type == "cpu" and torch.isfinite(logits).all()
+
+
+def test_eager_forward_after_torch_export_matches():
+    torch.manual_seed(0)
+    model = timm.create_model("test_plainmamba").eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(images)
+        torch.export.export(model, (images,))
+        after = model(images)
+    _train_step(model, images)
+    torch.testing.assert_close(after, before)

@@ -9,8 +9,7 @@ depend on; see :class:`PlainMamba2D`.
 """
 import math
 import re
-from functools import lru_cache
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +20,21 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 
 from ..ops import selective_scan
 
-__all__ = ["PlainMamba", "PlainMamba2D", "PlainMambaLayer", "ConvPatchEmbed", "zigzag_scan_orders"]
+__all__ = ["PlainMamba", "PlainMamba2D", "PlainMambaLayer", "ConvPatchEmbed", "ScanPaths", "scan_paths", "zigzag_scan_orders"]
 
 NUM_PATHS = 4
 PATCH_STRIDE = 16
 _PROJECTION_STRIDE = 8
 
 
-def _row_snake(height: int, width: int) -> Tensor:
-    grid = torch.arange(height * width).view(height, width)
+def _row_snake(height: int, width: int, device: Optional[torch.device]) -> Tensor:
+    grid = torch.arange(height * width, device=device).view(height, width)
     grid[1::2] = grid[1::2].flip(1)
     return grid.flatten()
 
 
-def _column_snake(height: int, width: int) -> Tensor:
-    grid = torch.arange(height * width).view(height, width).t().contiguous()
+def _column_snake(height: int, width: int, device: Optional[torch.device]) -> Tensor:
+    grid = torch.arange(height * width, device=device).view(height, width).t().contiguous()
     grid[1::2] = grid[1::2].flip(1)
     return grid.flatten()
 
@@ -47,12 +46,11 @@ def _move_directions(order: Tensor, width: int) -> Tensor:
     return torch.cat([moves.new_zeros(1), moves])
 
 
-@lru_cache(maxsize=64)
-def zigzag_scan_orders(height: int, width: int) -> tuple[Tensor, Tensor]:
+def zigzag_scan_orders(height: int, width: int, device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
     """The four continuous zig-zag scan paths of an H×W token grid (raster index i·W + j).
 
     Paths: row-wise boustrophedon from the top-left corner, its reverse, column-wise boustrophedon from the top-left
-    corner, its reverse. Cached per (H, W); treat the returned tensors as read-only.
+    corner, its reverse.
 
     Returns:
         ``orders`` (4, H·W): the raster index visited at each scan step, and ``directions`` (4, H·W): the id of the
@@ -60,29 +58,38 @@ def zigzag_scan_orders(height: int, width: int) -> tuple[Tensor, Tensor]:
     """
     if height < 1 or width < 1:
         raise ValueError(f"height and width must be positive, got {(height, width)}")
-    rows, columns = _row_snake(height, width), _column_snake(height, width)
+    rows, columns = _row_snake(height, width, device), _column_snake(height, width, device)
     orders = torch.stack([rows, rows.flip(0), columns, columns.flip(0)])
     directions = torch.stack([_move_directions(order, width) for order in orders])
     return orders, directions
 
 
-_PATH_TABLES: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor, Tensor]] = {}
+class ScanPaths(NamedTuple):
+    """Index tables that run the four paths of an H×W grid as one batched scan.
 
+    Built once per forward pass by the model and shared by its layers; never cached across calls, so tensors made
+    under ``inference_mode``, on the meta device or while tracing cannot leak into a later call.
 
-def _path_tables(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Device-resident index tables for running the four paths as one batch; cached per (H, W, device).
-
-    Returns:
-        ``gather`` (4L,): raster index of every (path, step), path after path; ``scatter`` (4L,): for every
-        (path, raster token), the flat (path, step) position that produced it; ``directions`` (4, L).
+    Attributes:
+        hw_shape: The token grid (H, W).
+        gather: (4·L,) raster index of every (path, step), path after path.
+        scatter: (4·L,) for every (path, raster token), the flat (path, step) position that produced it.
+        directions: (4, L) move id of every scan step.
     """
-    key = (height, width, device)
-    if key not in _PATH_TABLES:
-        orders, directions = zigzag_scan_orders(height, width)
-        length = height * width
-        inverse = orders.argsort(dim=1) + torch.arange(NUM_PATHS).unsqueeze(1) * length
-        _PATH_TABLES[key] = (orders.flatten().to(device), inverse.flatten().to(device), directions.to(device))
-    return _PATH_TABLES[key]
+
+    hw_shape: tuple[int, int]
+    gather: Tensor
+    scatter: Tensor
+    directions: Tensor
+
+
+def scan_paths(hw_shape: tuple[int, int], device: Optional[torch.device] = None) -> ScanPaths:
+    """The :class:`ScanPaths` of a token grid, on ``device``."""
+    height, width = hw_shape
+    orders, directions = zigzag_scan_orders(height, width, device)
+    length = height * width
+    inverse = orders.argsort(dim=1) + torch.arange(NUM_PATHS, device=device).unsqueeze(1) * length
+    return ScanPaths((height, width), orders.flatten(), inverse.flatten(), directions)
 
 
 class PlainMamba2D(nn.Module):
@@ -158,21 +165,23 @@ class PlainMamba2D(nn.Module):
         self.D.fill_(1.0)
         trunc_normal_(self.direction_Bs, std=0.02)
 
-    def forward(self, x: Tensor, hw_shape: tuple[int, int]) -> Tensor:
-        """Mix (B, H·W, D) raster-ordered tokens; returns the same shape."""
-        batch, length, _ = x.shape
-        height, width = hw_shape
+    def forward(self, x: Tensor, hw_shape: tuple[int, int], paths: Optional[ScanPaths] = None) -> Tensor:
+        """Mix (B, H·W, D) raster-ordered tokens; returns the same shape.
+
+        ``paths`` are the grid's :class:`ScanPaths` (built here when not given).
+        """
+        paths = scan_paths(hw_shape, x.device) if paths is None else paths
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = x.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+        x = x.unflatten(1, hw_shape).permute(0, 3, 1, 2)
         x = F.silu(self.conv2d(x)).flatten(2).transpose(1, 2)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        y = self._scan_paths(x, self.dt_proj(dt), B, C, height, width)
+        y = self._scan_paths(x, self.dt_proj(dt), B, C, paths)
         return self.out_proj(y * F.silu(z))
 
-    def _scan_paths(self, x: Tensor, delta: Tensor, B: Tensor, C: Tensor, height: int, width: int) -> Tensor:
+    def _scan_paths(self, x: Tensor, delta: Tensor, B: Tensor, C: Tensor, paths: ScanPaths) -> Tensor:
         """Scan the four paths in one call (batch index = b·4 + path) and sum their outputs in raster order."""
         batch, length, inner = x.shape
-        gather, scatter, directions = _path_tables(height, width, x.device)
+        gather, scatter, directions = paths.gather, paths.scatter, paths.directions
 
         def along_paths(t: Tensor) -> Tensor:
             return t.index_select(1, gather).view(batch * NUM_PATHS, length, t.shape[-1])
@@ -232,9 +241,9 @@ class PlainMambaLayer(nn.Module):
             nn.GELU(),
         ) if with_dwconv else None
 
-    def forward(self, x: Tensor, hw_shape: tuple[int, int]) -> Tensor:
-        """Map (B, H·W, D) raster-ordered tokens to the same shape."""
-        x = x + self.drop_path(self.mamba(self.norm(x), hw_shape))
+    def forward(self, x: Tensor, hw_shape: tuple[int, int], paths: Optional[ScanPaths] = None) -> Tensor:
+        """Map (B, H·W, D) raster-ordered tokens to the same shape (``paths``: see :class:`PlainMamba2D`)."""
+        x = x + self.drop_path(self.mamba(self.norm(x), hw_shape, paths))
         if self.dw is not None:
             x = self.dw(x.unflatten(1, hw_shape).permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
         return x
@@ -432,16 +441,17 @@ class PlainMamba(nn.Module):
         x, hw_shape = self.patch_embed(x)
         return x + resample_pos_embed(self.pos_embed, self.patch_grid, hw_shape), hw_shape
 
-    def _run_layer(self, layer: PlainMambaLayer, x: Tensor, hw_shape: tuple[int, int]) -> Tensor:
+    def _run_layer(self, layer: PlainMambaLayer, x: Tensor, paths: ScanPaths) -> Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(layer, x, hw_shape)
-        return layer(x, hw_shape)
+            return checkpoint(layer, x, paths.hw_shape, paths)
+        return layer(x, paths.hw_shape, paths)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) to normalised tokens (B, H/16·W/16, D)."""
         x, hw_shape = self._embed(x)
+        paths = scan_paths(hw_shape, x.device)
         for layer in self.layers:
-            x = self._run_layer(layer, x, hw_shape)
+            x = self._run_layer(layer, x, paths)
         return self.ln1(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -497,10 +507,11 @@ class PlainMamba(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices = self._take_indices(indices)
         x, (height, width) = self._embed(x)
+        paths = scan_paths((height, width), x.device)
         layers = self.layers[:take_indices[-1] + 1] if stop_early or intermediates_only else self.layers
         intermediates = []
         for i, layer in enumerate(layers):
-            x = self._run_layer(layer, x, (height, width))
+            x = self._run_layer(layer, x, paths)
             if i in take_indices:
                 tap = self.ln1(x) if norm else x
                 if output_fmt == "NCHW":
