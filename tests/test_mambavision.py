@@ -22,7 +22,7 @@ from official_keys import read_key_shapes
 
 KEYS_T = Path(__file__).parent / "data" / "keys_mambavision_t.txt"  # copy of the spec's official key list (T)
 
-# name: (exact parameter count with the 1000-class head, level-3 pattern, level-4 pattern), from the spec's table;
+# name: (exact parameter count with the 1000-class head, level-2 pattern, level-3 pattern), from the spec's table;
 # the patterns are written out by hand (M mixer, A attention).
 VARIANTS = {
     "mambavision_t": (31_794_248, "MMMMAAAA", "MMAA"),
@@ -183,7 +183,7 @@ TINY = dict(depths=(1, 1, 3, 2), heads=(1, 2, 2, 4))
 
 @pytest.mark.parametrize("size, windows", [
     ((64, 64), (8, 8, 4, 2)),  # window multiples: one window per level
-    ((72, 88), (8, 8, 4, 2)),  # level-3 map 5×6 padded to 8×8, level-4 3×3 padded to 4×4
+    ((72, 88), (8, 8, 4, 2)),  # level-2 map 5×6 padded to 8×8, level-3 3×3 padded to 4×4
     ((50, 38), (8, 8, 3, 3)),  # 4×3 padded to 6×3, 2×2 padded to 3×3 (window sizes overridden at creation)
 ])
 def test_window_padding_matches_float64_reference(size, windows):

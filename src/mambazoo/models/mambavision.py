@@ -161,36 +161,23 @@ class MambaVisionMixer(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over each window sequence (no position bias), fused through SDPA."""
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
-            device=None,
-            dtype=None,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
-        dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Attend within (B, L, d) sequences; returns the same shape."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).flatten(2)))
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
 class MambaVisionBlock(nn.Module):
-    """Pre-norm residual block of levels 3 and 4: a Mamba mixer or attention, then an MLP.
+    """Pre-norm residual block of levels 2 and 3: a Mamba mixer or attention, then an MLP.
 
     ``x = x + DropPath(γ1·mixer(LN(x)))``, ``x = x + DropPath(γ2·MLP(LN(x)))``; γ are learned per-channel scales
     (``gamma_1``, ``gamma_2``) when ``layer_scale`` is set, absent otherwise.
@@ -242,7 +229,7 @@ class MambaVisionBlock(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """Residual block of levels 1 and 2: 3×3 conv, BN, GELU (tanh approximation), 3×3 conv, BN."""
+    """Residual block of levels 0 and 1: 3×3 conv, BN, GELU (tanh approximation), 3×3 conv, BN."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, device=None, dtype=None) -> None:
         super().__init__()
@@ -292,7 +279,7 @@ class PatchEmbed(nn.Module):
 
 
 def attention_pattern(depth: int) -> str:
-    """Block types of a level of levels 3–4 (``M`` mixer, ``A`` attention): the last floor(depth/2) attend."""
+    """Block types of a level of mixers and attention (``M``, ``A``): the last floor(depth/2) blocks attend."""
     return "M" * math.ceil(depth / 2) + "A" * (depth // 2)
 
 
@@ -312,7 +299,7 @@ class MambaVisionLevel(nn.Module):
         window_size: Window side (ignored by convolutional levels).
         conv: Convolutional level.
         downsample: End with a stride-2 downsample.
-        drop_path: Stochastic-depth rate of every block.
+        drop_path: Stochastic-depth rates, one per block.
         block_kwargs: Extra arguments of :class:`MambaVisionBlock`.
     """
 
@@ -387,7 +374,8 @@ def _take_indices(num_levels: int, indices: Optional[Union[int, Sequence[int]]])
 class MambaVision(nn.Module):
     """MambaVision: conv stem, two convolutional levels, two levels of window Mamba-mixer and attention blocks.
 
-    Level i has width dim·2^i at stride 4·2^i. In levels 3 and 4 the first ceil(depth/2) blocks are Mamba mixers and
+    Level i (0-based, as in the state-dict keys) has width dim·2^i at stride 4·2^i; levels 0 and 1 are
+    convolutional. In levels 2 and 3 the first ceil(depth/2) blocks are Mamba mixers and
     the rest self-attention, all run on windows (see :class:`MambaVisionLevel`). The head is a BatchNorm on the final
     map, average pooling and a Linear classifier. Any input size works.
 
@@ -398,13 +386,13 @@ class MambaVision(nn.Module):
         dim: Width of level 1.
         in_dim: Width of the first stem conv.
         depths: Blocks per level.
-        num_heads: Attention heads per level (levels 3 and 4 use them).
-        window_size: Window side per level (levels 3 and 4 use them); the official dense-prediction recipes enlarge
+        num_heads: Attention heads per level (levels 2 and 3 use them).
+        window_size: Window side per level (levels 2 and 3 use them); the official dense-prediction recipes enlarge
             them, e.g. ``(8, 8, 112, 56)``.
         mlp_ratio: MLP hidden width factor.
         qkv_bias: Bias on the attention's qkv projection.
         d_state: SSM state size of the mixers.
-        layer_scale: Initial value of the per-channel residual scales of levels 3–4 (None or 0: no scales; timm's
+        layer_scale: Initial value of the per-channel residual scales of levels 2–3 (None or 0: no scales; timm's
             ``create_model`` drops None-valued arguments, so pass 0 to switch off a variant's default).
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks.
