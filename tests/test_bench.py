@@ -140,7 +140,9 @@ def test_cli_bench_and_flops(tmp_path: Path, capsys) -> None:
     assert json.loads((tmp_path / "single.json").read_text())["results"][0]["model"] == "test_mambaout"
     capsys.readouterr()
     assert cli.main(["flops", "mambaout_femto"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mambaout_femto"))
-    _, name, size, gmacs, scan, published, _ = (cell.strip() for cell in row.split("|"))
-    assert (size, scan, published) == ("224", "0.0", "1.2")
-    assert float(gmacs) == pytest.approx(1.15, rel=5e-3)  # mambaout.md §1 counted figure
+    header, _, row = capsys.readouterr().out.strip().splitlines()
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert (cells["model"], cells["img_size"], cells["scan_gmacs"], cells["reported_gmacs"]) == \
+        ("mambaout_femto", "224", "0.0", "1.2")
+    assert float(cells["gmacs"]) == pytest.approx(1.15, rel=5e-3)  # mambaout.md §1 counted figure
+    assert cells["gmacs_excl_scan"] == cells["gmacs_excl_scan_attn"] == cells["gmacs"]  # no scan, no attention

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from mambazoo.flops import count_macs, count_model_macs, scan_macs
+from mambazoo.flops import attention_macs, count_macs, count_model_macs, scan_macs
 from mambazoo.ops import available_backends, causal_conv1d, selective_scan
 from mambazoo.zoo import list_models
 
@@ -51,6 +51,17 @@ def test_scan_counts_on_meta_tensors_and_scan_macs_formula() -> None:
     inputs = _scan_inputs(batch=3, length=7, dim=2, d_state=16, device="meta")
     assert count_macs(lambda: selective_scan(**inputs)).total == 9 * 3 * 7 * 2 * 16
     assert scan_macs(1, 197, 384, 16) == 9 * 197 * 384 * 16 == 10_893_312
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_attention_matmuls_are_counted_and_reported(device: str) -> None:
+    q = torch.randn(2, 3, 5, 4, device=device)
+    v = torch.randn(2, 3, 7, 6, device=device)
+    k = torch.randn(2, 3, 7, 4, device=device)
+    count = count_macs(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, value=v))
+    expected = 2 * 3 * 5 * 7 * (4 + 6)  # Q·Kᵀ: B·H·Lq·Lk·E, weights·V: B·H·Lq·Lk·Ev (torch's CPU kernel counted 0)
+    assert count.total == count.attention == expected == attention_macs(q.shape, k.shape, v.shape)
+    assert count.excl_scan == expected and count.excl_scan_attention == 0
 
 
 def test_counting_does_not_change_scan_results() -> None:

@@ -9,8 +9,8 @@ from . import bench as bench_engine
 from .flops import count_model_macs
 from .zoo import MODEL_INFO, check_model_name, list_models
 
-DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambaout_femto", "deit_tiny_patch16_224:math",
-                   "deit_tiny_patch16_224")
+DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambavision_t", "mambaout_femto",
+                   "deit_tiny_patch16_224:math", "deit_tiny_patch16_224")
 DEMO_RESOLUTIONS = (224, 512, 768, 1024, 1248)
 VIM, DEIT_SDPA, DEIT_MATH = "vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:math"
 
@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--pretrained", action="store_true", help="only names with pretrained weight tags")
     listing.add_argument("--info", action="store_true", help="print the published metadata table")
 
-    flops = commands.add_parser("flops", help="count GMACs (conv/linear + 9·B·L·D·N per scan call)")
+    flops = commands.add_parser("flops", help="count GMACs (conv/linear + 9·B·L·D·N per scan call); also without "
+                                              "the scan and without scan and attention (conventions of some papers)")
     flops.add_argument("models", nargs="+")
     flops.add_argument("--img-size", type=_positive, default=224)
 
@@ -98,8 +99,10 @@ def _command_flops(args: argparse.Namespace) -> None:
         count = count_model_macs(name, img_size=args.img_size)
         info = MODEL_INFO.get(name)
         rows.append(dict(model=name, img_size=args.img_size, gmacs=round(count.gmacs, 3),
-                         scan_gmacs=round(count.scan / 1e9, 3),
-                         reported_gmacs=info.reported_gmacs if info and args.img_size == 224 else None))
+                         scan_gmacs=round(count.scan / 1e9, 3), attn_gmacs=round(count.attention / 1e9, 3),
+                         gmacs_excl_scan=round(count.excl_scan / 1e9, 3),
+                         gmacs_excl_scan_attn=round(count.excl_scan_attention / 1e9, 3),
+                         reported_gmacs=info.reported_gmacs if info and args.img_size == info.img_size else None))
     print(bench_engine.markdown_table(rows))
 
 

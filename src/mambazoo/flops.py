@@ -9,20 +9,28 @@ have run it. The native depthwise causal conv1d custom op is mapped to B·L·D·
 replaces. The counter divides FLOPs by 2 to report MACs; timm's benchmark (fvcore) reports the same quantity as
 "GMACs".
 
+Papers differ in what they count: besides the total, a count reports the MACs of the scans and of the attention
+matmuls inside ``F.scaled_dot_product_attention`` (B·H·Lq·Lk·(E + Ev), the softmax not counted), so that conventions
+which leave them out can be reproduced: MambaVision's published numbers (ptflops) count neither the scan nor the
+attention matmuls (``docs/mambavision.md``).
+
 By default the model is built and run on the ``meta`` device: shapes only, no memory, no arithmetic, so even large
 resolutions count in a fraction of a second.
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .ops import causal_conv1d  # noqa: F401  (registers mambazoo::causal_conv1d_native)
 from .ops.selective_scan import route_through_custom_op
 
-__all__ = ["SCAN_MACS_PER_ELEMENT", "MacCount", "count_macs", "count_model_macs", "scan_macs"]
+__all__ = ["SCAN_MACS_PER_ELEMENT", "MacCount", "attention_macs", "count_macs", "count_model_macs", "scan_macs"]
 
 SCAN_MACS_PER_ELEMENT = 9
 _SCAN_OP = torch.ops.mambazoo.selective_scan_fused  # FlopCounterMode keys formulas by overload packet
@@ -31,6 +39,12 @@ _SCAN_OP = torch.ops.mambazoo.selective_scan_fused  # FlopCounterMode keys formu
 def scan_macs(batch: int, length: int, dim: int, d_state: int) -> int:
     """MACs charged for one selective-scan call: 9·B·L·D·N (``scan.md`` §8)."""
     return SCAN_MACS_PER_ELEMENT * batch * length * dim * d_state
+
+
+def attention_macs(query_shape: tuple[int, ...], key_shape: tuple[int, ...], value_shape: tuple[int, ...]) -> int:
+    """MACs of one attention call softmax(Q·Kᵀ)·V: B·H·Lq·Lk·(E + Ev) (the softmax is not counted)."""
+    *batch, query_length, width = query_shape
+    return math.prod(batch) * query_length * key_shape[-2] * (width + value_shape[-1])
 
 
 def _scan_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
@@ -43,15 +57,42 @@ def _causal_conv1d_flops(x_shape, weight_shape, *args, **kwargs) -> int:
     return 2 * batch * length * dim * weight_shape[1]  # one MAC per kernel tap and output element
 
 
-_CUSTOM_FLOPS: dict = {_SCAN_OP: _scan_flops, torch.ops.mambazoo.causal_conv1d_native: _causal_conv1d_flops}
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return 2 * attention_macs(query_shape, key_shape, value_shape)
+
+
+# torch's counter has no formula for the CPU attention kernel (it would count 0); meta tensors take the math path.
+_CUSTOM_FLOPS: dict = {
+    _SCAN_OP: _scan_flops,
+    torch.ops.mambazoo.causal_conv1d_native: _causal_conv1d_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+}
+
+
+class _AttentionTally(TorchFunctionMode):
+    """Adds up :func:`attention_macs` of every ``F.scaled_dot_product_attention`` call (before any decomposition)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query, key, value = (args[i] if i < len(args) else kwargs[name]
+                                 for i, name in enumerate(("query", "key", "value")))
+            self.macs += attention_macs(query.shape, key.shape, value.shape)
+        return func(*args, **kwargs)
 
 
 @dataclass(frozen=True)
 class MacCount:
-    """Result of a count: total MACs and the share of each counted operator (e.g. ``mm``, ``convolution``)."""
+    """Result of a count: total MACs, the share of each counted operator (e.g. ``mm``, ``convolution``) and the
+    MACs of the attention matmuls (part of ``total``)."""
 
     total: int
     by_operator: dict[str, int]
+    attention: int = 0
 
     @property
     def gmacs(self) -> float:
@@ -63,14 +104,25 @@ class MacCount:
         """MACs charged to selective-scan calls."""
         return self.by_operator.get(str(_SCAN_OP), 0)
 
+    @property
+    def excl_scan(self) -> int:
+        """MACs without the selective scans."""
+        return self.total - self.scan
+
+    @property
+    def excl_scan_attention(self) -> int:
+        """MACs of the conv and linear layers only (no scans, no attention matmuls): MambaVision's convention."""
+        return self.total - self.scan - self.attention
+
 
 def count_macs(fn: Callable[[], object]) -> MacCount:
     """Count the MACs of ``fn()`` (conv/linear/attention matmuls plus 9·B·L·D·N per scan call)."""
     counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
-    with route_through_custom_op(), counter:
+    attention = _AttentionTally()
+    with route_through_custom_op(), counter, attention:
         fn()
-    by_operator = {str(op): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
-    return MacCount(total=counter.get_total_flops() // 2, by_operator=by_operator)
+    by_operator = {str(op): flops // 2 for op, flops in counter.get_flop_counts().get("Global", {}).items()}
+    return MacCount(total=counter.get_total_flops() // 2, by_operator=by_operator, attention=attention.macs)
 
 
 def count_model_macs(

@@ -111,23 +111,26 @@ class ModelInfo:
     weights: str
     license: str
     source: str
+    img_size: int = 224
 
 
 _MAMBAOUT = ("MambaOut (arXiv 2405.07992)", "HF timm/mambaout_* (official .pth on GitHub releases)", "Apache-2.0")
 _VIM = ("Vision Mamba (arXiv 2401.09417)", "HF hustvl/Vim-*-midclstok", "Apache-2.0")
 _PLAINMAMBA = ("PlainMamba (arXiv 2403.17695)", "HF ChenhongyiYang/PlainMamba", "no licence file (UNVERIFIED)")
 _MAMBAVISION = ("MambaVision (arXiv 2407.08083)", "HF nvidia/MambaVision-*", "CC-BY-NC-SA-4.0 (non-commercial)")
+_MV_DOC = "docs/mambavision.md (published results)"
 _SPATIAL = ("Spatial-Mamba (arXiv 2410.15091)", "Google Drive (manual download)", "Apache-2.0")
 
 
 def _info(name: str, family: str, facts: tuple[str, str, str], top1: float, params: int,
-          gmacs: Optional[float], source: str) -> ModelInfo:
+          gmacs: Optional[float], source: str, img_size: int = 224) -> ModelInfo:
     paper, weights, license_ = facts
-    return ModelInfo(name, family, paper, top1, params, gmacs, weights, license_, source)
+    return ModelInfo(name, family, paper, top1, params, gmacs, weights, license_, source, img_size)
 
 
-# Exact parameter counts include the 1000-class head. Reported GMACs are the papers' "FLOPs"/"MACs" at 224 px;
-# Vim's paper reports none, its figures follow scan.md §8's convention (specs/vim.md §7).
+# Exact parameter counts include the 1000-class head. Reported GMACs are the papers' "FLOPs"/"MACs" at ``img_size``
+# (224 px unless stated); Vim's paper reports none, its figures follow scan.md §8's convention (specs/vim.md §7).
+# MambaVision's count neither the scan nor the attention matmuls (docs/mambavision.md).
 MODEL_INFO: dict[str, ModelInfo] = {info.name: info for info in (
     _info("mambaout_femto", "mambaout", _MAMBAOUT, 78.9, 7_304_536, 1.2, "specs/mambaout.md §1"),
     _info("mambaout_kobe", "mambaout", _MAMBAOUT, 80.0, 9_141_208, 1.5, "specs/mambaout.md §1"),
@@ -142,12 +145,17 @@ MODEL_INFO: dict[str, ModelInfo] = {info.name: info for info in (
     _info("plainmamba_l1", "plainmamba", _PLAINMAMBA, 77.9, 7_551_656, 3.0, "specs/plainmamba.md §1, §7"),
     _info("plainmamba_l2", "plainmamba", _PLAINMAMBA, 81.6, 26_145_832, 8.1, "specs/plainmamba.md §1, §7"),
     _info("plainmamba_l3", "plainmamba", _PLAINMAMBA, 82.3, 50_956_456, 14.4, "specs/plainmamba.md §1, §7"),
-    _info("mambavision_t", "mambavision", _MAMBAVISION, 82.3, 31_794_248, 4.4, "specs/mambavision.md §7"),
-    _info("mambavision_t2", "mambavision", _MAMBAVISION, 82.7, 35_104_008, 5.1, "specs/mambavision.md §7"),
-    _info("mambavision_s", "mambavision", _MAMBAVISION, 83.3, 50_140_584, 7.5, "specs/mambavision.md §7"),
-    _info("mambavision_b", "mambavision", _MAMBAVISION, 84.2, 97_685_288, 15.0, "specs/mambavision.md §7"),
-    _info("mambavision_l", "mambavision", _MAMBAVISION, 85.0, 227_961_048, 34.9, "specs/mambavision.md §7"),
-    _info("mambavision_l2", "mambavision", _MAMBAVISION, 85.3, 241_554_824, 37.5, "specs/mambavision.md §7"),
+    _info("mambavision_t", "mambavision", _MAMBAVISION, 82.3, 31_794_248, 4.4, _MV_DOC),
+    _info("mambavision_t2", "mambavision", _MAMBAVISION, 82.7, 35_104_008, 5.1, _MV_DOC),
+    _info("mambavision_s", "mambavision", _MAMBAVISION, 83.3, 50_140_584, 7.5, _MV_DOC),
+    _info("mambavision_b", "mambavision", _MAMBAVISION, 84.2, 97_685_288, 15.0, _MV_DOC),
+    _info("mambavision_l", "mambavision", _MAMBAVISION, 85.0, 227_961_048, 34.9, _MV_DOC),
+    _info("mambavision_l2", "mambavision", _MAMBAVISION, 85.3, 241_554_824, 37.5, _MV_DOC),
+    _info("mambavision_b_21k", "mambavision", _MAMBAVISION, 84.9, 97_685_288, 15.0, _MV_DOC),
+    _info("mambavision_l_21k", "mambavision", _MAMBAVISION, 86.1, 227_961_048, 34.9, _MV_DOC),
+    _info("mambavision_l2_512_21k", "mambavision", _MAMBAVISION, 87.3, 241_554_824, 196.3, _MV_DOC, 512),
+    _info("mambavision_l3_256_21k", "mambavision", _MAMBAVISION, 87.3, 739_570_472, 122.3, _MV_DOC, 256),
+    _info("mambavision_l3_512_21k", "mambavision", _MAMBAVISION, 88.1, 739_570_472, 489.1, _MV_DOC, 512),
     _info("spatialmamba_t", "spatialmamba", _SPATIAL, 83.5, 26_748_862, 4.5, "specs/spatialmamba.md §1"),
     _info("spatialmamba_s", "spatialmamba", _SPATIAL, 84.6, 43_074_280, 7.1, "specs/spatialmamba.md §1"),
     _info("spatialmamba_b", "spatialmamba", _SPATIAL, 85.3, 95_745_592, 15.8, "specs/spatialmamba.md §1"),

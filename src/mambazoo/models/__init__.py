@@ -1,3 +1,4 @@
 """Model families; importing a module registers its models in timm's registry."""
+from . import mambavision
 from . import plainmamba
 from . import vim
