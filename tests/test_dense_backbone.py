@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from timm.models import is_model
 
 import mambazoo
@@ -184,6 +185,17 @@ def test_mambaout_levels_are_taken_before_the_next_downsample() -> None:
             x = stage(x)
             norm = getattr(backbone, f"outnorm{level}")
             torch.testing.assert_close(maps[str(level)], norm(x.permute(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_mambaout"])
+def test_pretrained_classification_weights_load_before_pruning(name: str, tmp_path: Path) -> None:
+    _skip_unregistered(name)
+    torch.manual_seed(1)
+    classifier = mambazoo.create_model(name)
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    backbone = create_backbone(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors")))
+    loaded = backbone.model.state_dict()
+    assert loaded and all(torch.equal(value, classifier.state_dict()[key]) for key, value in loaded.items())
 
 
 def test_adapter_rejects_sizes_that_are_not_multiples_of_32() -> None:

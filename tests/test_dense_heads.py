@@ -69,7 +69,7 @@ def test_upernet_trains_every_parameter_at_any_input_size(name: str) -> None:
     model = UperNet(name, num_classes=5, channels=16, aux_channels=8)
     images, labels = torch.rand(2, 3, 70, 100), torch.randint(0, 5, (2, 70, 100))
     labels[:, :5] = 255
-    losses = model.losses(images, labels)
+    losses = model(images, labels)  # with targets: the training losses
     losses["loss"].backward()
     assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.eval()

@@ -129,6 +129,11 @@ def test_recipe_applies_drop_path_and_head_width_when_building() -> None:
     model = task.build_model("test_vim", 4, recipe=recipe, drop_path_rate=0.1)
     assert model.decode_head.conv_seg.in_channels == 32 and model.aux_index == 2
     assert model.backbone.model.layers[2].drop_path.drop_prob > 0
+    from_recipe = type(task).from_recipe(recipe)
+    assert (from_recipe.crop_size, from_recipe.scale) == ((512, 512), (2048, 512))
+    assert (from_recipe.test_mode, from_recipe.test_stride) == ("slide", (341, 341))
+    detection = build_task("detection").from_recipe(get_recipe("mambavision_t", "detection"), flip_prob=0.0)
+    assert (detection.min_size, detection.max_size, detection.flip_prob) == (800, 1333, 0.0)
 
 
 def _predict(tmp_path: Path, composite: Path, task: str, *extra: str) -> int:

@@ -166,8 +166,11 @@ class UperNet(nn.Module):
         padded = [side * 4 for side in features[0].shape[-2:]]
         return _resize(logits, padded)[..., :size[0], :size[1]]
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Decode-head logits (B, num_classes, H, W) at the input size."""
+    def forward(self, images: Tensor, targets: Optional[Tensor] = None) -> Union[Tensor, dict[str, Tensor]]:
+        """Decode-head logits (B, num_classes, H, W) at the input size; with ``targets``, the losses of
+        :meth:`losses` (so that wrappers such as DistributedDataParallel see the training computation)."""
+        if targets is not None:
+            return self.losses(images, targets)
         features = self._features(images)
         return self._to_input_size(self.decode_head(features), features, images.shape[-2:])
 

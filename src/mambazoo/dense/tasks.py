@@ -106,6 +106,12 @@ class DetectionTask(_TaskBase):
         self.min_size, self.max_size, self.flip_prob = min_size, max_size, flip_prob
         self.head_kwargs = head_kwargs
 
+    @classmethod
+    def from_recipe(cls, recipe: DenseRecipe, **kwargs: Any) -> "DetectionTask":
+        """The task with the recipe's image scale (``kwargs`` override)."""
+        min_size, max_size = recipe.image_scale
+        return cls(**{**dict(min_size=min_size, max_size=max_size), **kwargs})
+
     def build_datasets(self, data_dir: Union[str, Path]) -> tuple[CocoDetection, CocoDetection]:
         """``train`` (with flips) and ``val`` splits of ``data_dir``."""
         root = Path(data_dir)
@@ -179,6 +185,13 @@ class SegmentationTask(_TaskBase):
         self.test_mode, self.test_stride, self.ignore_index = test_mode, test_stride, ignore_index
         self.head_kwargs = head_kwargs
 
+    @classmethod
+    def from_recipe(cls, recipe: DenseRecipe, **kwargs: Any) -> "SegmentationTask":
+        """The task with the recipe's crop, resize scale and test mode (``kwargs`` override)."""
+        options = dict(crop_size=recipe.crop_size, scale=recipe.image_scale, test_mode=recipe.test_mode,
+                       test_stride=recipe.test_stride)
+        return cls(**{**options, **kwargs})
+
     def build_datasets(self, data_dir: Union[str, Path]) -> tuple[SegmentationFolder, SegmentationFolder]:
         """``train`` (random rescale/crop/flip) and ``val`` splits of ``data_dir``."""
         root = Path(data_dir)
@@ -214,12 +227,13 @@ class SegmentationTask(_TaskBase):
     def loss(model: nn.Module, batch: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, dict[str, float]]:
         """Decode-head cross-entropy plus the weighted auxiliary one."""
         images, targets = batch
-        losses = model.losses(images.to(device), targets.to(device))
+        losses = model(images.to(device), targets.to(device))
         return losses["loss"], {name: float(value.detach()) for name, value in losses.items()}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
         """mIoU, mAcc, aAcc and per-class IoU over the loader (confusion matrix summed across ranks)."""
+        model = getattr(model, "module", model)  # a DistributedDataParallel wrapper: its UperNet
         names = _base_dataset(loader).class_names
         matrix = ConfusionMatrix(model.num_classes, self.ignore_index, names, device=device)
         model.eval()
