@@ -129,3 +129,16 @@ def test_slide_inference_windows_and_averaging() -> None:
     torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="must not exceed crop_size"):
         slide_inference(record, images, crop_size=4, stride=5)
+
+
+@pytest.mark.parametrize("name", ["test_vim", "test_plainmamba", "test_mambaout"])
+def test_upernet_builds_on_the_meta_device(name: str) -> None:
+    model = UperNet(name, num_classes=150, device="meta")
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+
+
+def test_mask_rcnn_builds_on_the_meta_device() -> None:
+    with torch.device("meta"):
+        model = build_mask_rcnn("test_vim", num_classes=80)
+    assert {p.device.type for p in model.parameters()} == {"meta"}

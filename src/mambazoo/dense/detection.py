@@ -58,6 +58,8 @@ def build_mask_rcnn(
 ) -> MaskRCNN:
     """Mask R-CNN + FPN (torchvision) on any registered family.
 
+    torchvision's heads take no ``device`` argument: build on the meta device with ``with torch.device("meta"):``.
+
     Args:
         backbone: A registered model name or a :class:`DenseBackbone`.
         num_classes: Object classes, background excluded (labels 1..num_classes; 0 is background).

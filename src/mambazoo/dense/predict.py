@@ -9,6 +9,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from .checkpoint import atomic_write, load_state_dict_file, strict_load
+from .data import load_image
+from .detection import build_mask_rcnn
+from .segmentation import UperNet
+
 __all__ = ["add_predict_arguments", "run_predict"]
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -58,10 +69,7 @@ def _class_names(args: argparse.Namespace) -> list[str]:
     return [str(index) for index in range(args.num_classes)]
 
 
-def _build(args: argparse.Namespace, num_classes: int):
-    from .detection import build_mask_rcnn
-    from .segmentation import UperNet
-
+def _build(args: argparse.Namespace, num_classes: int) -> nn.Module:
     head = dict(args.head)
     if args.task == "detection":
         head.setdefault("box_score_thresh", args.score_threshold)
@@ -69,10 +77,7 @@ def _build(args: argparse.Namespace, num_classes: int):
     return UperNet(args.model, num_classes, **head)
 
 
-def _draw_detections(image, output: dict, names: list[str]):
-    import torch
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-
+def _draw_detections(image: Tensor, output: dict, names: list[str]) -> tuple[Tensor, str]:
     labels = output["labels"].tolist()
     colors = [PALETTE[(label - 1) % len(PALETTE)] for label in labels]
     canvas = (image * 255).round().to(torch.uint8)
@@ -85,10 +90,7 @@ def _draw_detections(image, output: dict, names: list[str]):
     return canvas, summary
 
 
-def _draw_segmentation(image, labels, names: list[str]):
-    import torch
-    from torchvision.utils import draw_segmentation_masks
-
+def _draw_segmentation(image: Tensor, labels: Tensor, names: list[str]) -> tuple[Tensor, str]:
     present = labels.unique().tolist()
     masks = torch.stack([labels == value for value in present])
     colors = [PALETTE[value % len(PALETTE)] for value in present]
@@ -99,13 +101,6 @@ def _draw_segmentation(image, labels, names: list[str]):
 
 def run_predict(args: argparse.Namespace) -> str:
     """Predict and draw; returns a one-line summary (also printed)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from .checkpoint import atomic_write, load_state_dict_file, strict_load
-    from .data import load_image
-
     if not args.image.is_file():
         raise ValueError(f"image not found: {args.image}")
     if args.output.suffix.lower() != ".png":

@@ -137,11 +137,11 @@ class UperNet(nn.Module):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not 0 <= aux_index < 4:
             raise ValueError(f"aux_index must be a level 0..3, got {aux_index}")
+        dd = {"device": device, "dtype": dtype}
         if isinstance(backbone, str):
-            backbone = create_backbone(backbone, pretrained=pretrained, **(model_kwargs or {}))
+            backbone = create_backbone(backbone, pretrained=pretrained, **{**dd, **(model_kwargs or {})})
         elif pretrained or model_kwargs:
             raise ValueError("pretrained and model_kwargs apply to a model name, not to a built DenseBackbone")
-        dd = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.aux_index = aux_index

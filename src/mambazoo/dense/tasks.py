@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .backbone import create_backbone
 from .data import (
     CocoDetection,
     DetectionTransform,
@@ -23,7 +24,6 @@ from .data import (
     read_class_names,
     segmentation_collate,
 )
-from .backbone import create_backbone
 from .detection import build_mask_rcnn
 from .evaluation import CocoEvaluator, ConfusionMatrix
 from .optim import param_groups
@@ -75,6 +75,8 @@ def _model_kwargs(recipe: Optional[DenseRecipe], model_kwargs: dict) -> dict:
 
 
 class _TaskBase:
+    """Members shared by the tasks: the recipe lookup and the parameter groups."""
+
     name = ""
 
     def recipe(self, model_name: str) -> DenseRecipe:
