@@ -49,6 +49,14 @@ def test_registry_covers_the_five_families_and_names_resolve() -> None:
     assert {name: tap_spec_for(name).family for name in expected} == expected
     assert {TAP_SPECS[f].kind for f in ("mambaout", "mambavision", "spatialmamba")} == {"hierarchical"}
     assert {TAP_SPECS[f].kind for f in ("vim", "plainmamba")} == {"plain"}
+    # Vim-Ti taps mixer outputs, Vim-S's training script the residual stream (use_residual_as_feature=True)
+    assert tap_spec_for("vim_tiny_patch16_224").intermediates_kwargs == dict(mixer_output=True)
+    assert tap_spec_for("vim_small_patch16_224.in1k").intermediates_kwargs == {}
+    # official names: PlainMamba's seg norms carry the layer index, the hierarchical ones the level
+    assert TAP_SPECS["plainmamba"].level_norm_names((5, 11, 17, 23)) == [
+        "norm_layer5", "norm_layer11", "norm_layer17", None]
+    assert TAP_SPECS["mambavision"].level_norm_names((0, 1, 2, 3)) == [f"outnorm{i}" for i in range(4)]
+    assert TAP_SPECS["vim"].level_norm_names((5, 11, 17, 23)) == [None] * 4
     with pytest.raises(ValueError, match="no dense tap description for model 'resnet50'.*vim"):
         tap_spec_for("resnet50")
     with pytest.raises(ValueError, match="already has a tap spec"):

@@ -107,6 +107,8 @@ def test_recipes_cover_every_family_and_carry_the_papers_values() -> None:
     assert (vim_seg.lr, vim_seg.weight_decay, vim_seg.layer_decay, vim_seg.iterations) == (2e-4, 0.1, 0.92, 60_000)
     assert (vim_seg.test_mode, vim_seg.test_stride, vim_seg.head_channels) == ("slide", (341, 341), None)
     assert get_recipe("vim_small_patch16_224", "detection").layer_decay == 0.837
+    assert get_recipe("vim_small_patch16_224", "segmentation").layer_decay == 0.95
+    assert (vim_seg.batch_size, vim_seg.drop_path_rate) == (32, 0.1)
     mv_seg = get_recipe("mambavision_s", "segmentation")
     assert (mv_seg.lr, mv_seg.model_kwargs) == (6e-5, dict(window_size=(8, 8, 160, 56)))
     assert get_recipe("mambavision_t", "detection").model_kwargs == dict(window_size=(8, 8, 112, 56))

@@ -109,7 +109,7 @@ class DenseBackbone(nn.Module):
                                  f"{reductions} and channels {channels}")
             self.out_channels = [channels[0]] * len(OUTPUT_STRIDES)
             self.pyramid = SimplePyramid(channels[0], reductions[0], spec.pyramid_norm, **dd)
-        self.norm_names = spec.level_norm_names()
+        self.norm_names = spec.level_norm_names(self.taps)
         for name, width in zip(self.norm_names, channels):
             if name is not None:
                 self.add_module(name, LayerNorm2d(width, eps=spec.level_norm_eps, **dd))

@@ -93,9 +93,10 @@ RECIPES: dict[tuple[str, str], DenseRecipe] = {(recipe.family, recipe.task): rec
               "the same optimizer settings."),
     _upernet_160k(
         "vim", lr=1e-4, weight_decay=0.05, layer_decay=0.92, iterations=60_000, head_channels=None, aux_index=2,
-        test_mode="slide", test_stride=(341, 341), protocol="UperNet 60k",
-        notes="Tiny's script overrides lr 2e-4 and weight decay 0.1 (see VARIANTS); the config's own weight decay "
-              "is not recorded (0.05 assumed, UNVERIFIED). Head width = embedding width (192 Ti, 384 S)."),
+        test_mode="slide", test_stride=(341, 341), protocol="UperNet 60k", batch_size=32, drop_path_rate=0.1,
+        notes="Configs: AdamW 1e-4, wd 0.05, layer decay 0.92, 4 GPUs x 8 images; the training scripts override "
+              "Ti to lr 2e-4, wd 0.1 and S to layer decay 0.95 (see VARIANTS). Head width = embedding width. Drop "
+              "path is the model constructor's default 0.1 (the configs do not set it)."),
     _detection_1x(
         "plainmamba", lr=1e-4, weight_decay=0.05,
         notes="Paper: Mask R-CNN 1x on a ViT-Adapter (needs deformable attention); here the simple pyramid."),
@@ -130,6 +131,7 @@ RECIPES: dict[tuple[str, str], DenseRecipe] = {(recipe.family, recipe.task): rec
 # Per-variant values that differ from the family recipe: (model name, task or None for both) -> field overrides.
 VARIANTS: dict[tuple[str, Optional[str]], dict[str, Any]] = {
     ("vim_tiny_patch16_224", "segmentation"): dict(lr=2e-4, weight_decay=0.1),
+    ("vim_small_patch16_224", "segmentation"): dict(layer_decay=0.95),
     ("plainmamba_l1", None): dict(drop_path_rate=0.1),
     ("plainmamba_l2", None): dict(drop_path_rate=0.2),
     ("plainmamba_l3", None): dict(drop_path_rate=0.3),

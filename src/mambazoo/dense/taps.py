@@ -7,8 +7,8 @@ code adds. Nothing else in :mod:`mambazoo.dense` knows about families. The entri
 in ``docs/dense.md``.
 """
 import fnmatch
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import nn
 
@@ -43,8 +43,8 @@ class TapSpec:
         intermediates_kwargs: Extra arguments of the model's ``forward_intermediates`` (e.g. Vim's
             ``mixer_output=True``).
         level_norm_eps: Epsilon of the per-level LayerNorm over channels added by the adapter; None: no norms.
-        level_norm_name: Attribute name of the per-level norms, formatted with the level index (the official
-            downstream checkpoints' names, so their backbone parts load).
+        level_norm_name: Attribute name of the per-level norms, formatted with ``level`` (0..3) and ``tap`` (the
+            intermediate index): the official downstream checkpoints' names, so their backbone parts load.
         final_norm: Attribute of the model that normalises the last tap instead of a new norm (PlainMamba's
             ``ln1``); the model keeps it when pruned.
         pyramid_norm: Norm between the transposed convs of the simple pyramid (plain kinds): ``"batchnorm"`` or
@@ -54,6 +54,7 @@ class TapSpec:
             ``size / stride`` rows and columns (overlapping patch embeddings).
         test_model: The family's tiny registered model, used by the tests.
         source: Where the semantics come from.
+        variants: (model-name pattern, field overrides) pairs for variants whose official recipe differs.
     """
 
     family: str
@@ -62,13 +63,14 @@ class TapSpec:
     taps: Union[str, tuple[int, ...]]
     intermediates_kwargs: dict[str, Any] = field(default_factory=dict)
     level_norm_eps: Optional[float] = None
-    level_norm_name: str = "outnorm{}"
+    level_norm_name: str = "outnorm{level}"
     final_norm: Optional[str] = None
     pyramid_norm: str = "batchnorm"
     create_kwargs: dict[str, Any] = field(default_factory=dict)
     input_padding: Callable[[nn.Module], int] = _no_padding
     test_model: str = ""
     source: str = ""
+    variants: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in (HIERARCHICAL, PLAIN):
@@ -94,11 +96,18 @@ class TapSpec:
             return quarter_points(len(model.feature_info))
         return self.taps
 
-    def level_norm_names(self) -> list[Optional[str]]:
-        """Attribute names of the adapter's per-level norms (None where the level has none)."""
+    def for_model(self, model_name: str) -> "TapSpec":
+        """The spec with the overrides of the variants ``model_name`` matches."""
+        base = model_name.split(".")[0]
+        overrides = [fields for pattern, fields in self.variants if fnmatch.fnmatchcase(base, pattern)]
+        return replace(self, **{k: v for fields in overrides for k, v in fields.items()}) if overrides else self
+
+    def level_norm_names(self, taps: Sequence[int]) -> list[Optional[str]]:
+        """Attribute names of the adapter's per-level norms for these taps (None where a level has none)."""
         if self.level_norm_eps is None:
             return [None] * 4
-        names: list[Optional[str]] = [self.level_norm_name.format(level) for level in range(4)]
+        names: list[Optional[str]] = [self.level_norm_name.format(level=level, tap=tap)
+                                      for level, tap in enumerate(taps)]
         if self.final_norm is not None:
             names[-1] = None
         return names
@@ -122,7 +131,7 @@ def tap_spec_for(model_name: str) -> TapSpec:
         raise TypeError(f"model name must be a string, got {type(model_name).__name__}")
     for spec in TAP_SPECS.values():
         if spec.matches(model_name):
-            return spec
+            return spec.for_model(model_name)
     known = ", ".join(f"{spec.family} ({' '.join(spec.patterns)})" for spec in TAP_SPECS.values())
     raise ValueError(f"no dense tap description for model {model_name!r}; registered families: {known}. "
                      f"Register one with mambazoo.dense.register_taps(TapSpec(...)).")
@@ -153,7 +162,9 @@ register_taps(TapSpec(
     create_kwargs=dict(dynamic_img_size=True),
     input_padding=_patch_overlap,
     test_model="test_vim",
-    source="Vim segmentation backbone: mixer outputs of blocks 5/11/17/23, deconv/identity/max-pool neck with BN",
+    source="Vim segmentation backbone: mixer outputs of blocks 5/11/17/23 (Vim-S: the residual stream), "
+           "deconv/identity/max-pool neck with BN",
+    variants=(("vim_small_*", dict(intermediates_kwargs={})),),
 ))
 register_taps(TapSpec(
     family="plainmamba",
@@ -161,7 +172,7 @@ register_taps(TapSpec(
     kind=PLAIN,
     taps="quarters",
     level_norm_eps=1e-6,
-    level_norm_name="norm_layer{}",
+    level_norm_name="norm_layer{tap}",
     final_norm="ln1",
     test_model="test_plainmamba",
     source="PlainMamba segmentation backbone: residual stream at the quarter points, new LayerNorms (eps 1e-6) on "
@@ -214,7 +225,7 @@ register_taps(TapSpec(
     kind=HIERARCHICAL,
     taps="stages",
     level_norm_eps=1e-6,
-    level_norm_name="norm{}",
+    level_norm_name="norm{level}",
     test_model="test_convnext",
     source="baseline: ConvNeXt stage outputs with a LayerNorm each (eps 1e-6), as the official detection backbone",
 ))
