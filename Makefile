@@ -13,6 +13,7 @@ $(STAMP): $(INSTALL_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet --no-deps stardist  # only for its bundled nuclei sample (dense tests)
 	touch $@
 
 demo: $(STAMP)

@@ -42,6 +42,7 @@ __all__ = [
     "is_oom",
     "machine_description",
     "markdown_table",
+    "measure",
     "plot_sweep",
     "run_with_oom_retry",
     "sweep",
@@ -203,6 +204,18 @@ def _measure(step: Callable[[], None], device: torch.device, batch_size: int, nu
         wall, step_total = _timed_loop(step, device, num_bench_iter)
     return dict(samples_per_sec=float(f"{batch_size * num_bench_iter / wall:.4g}"),
                 step_time=round(1000 * step_total / num_bench_iter, 3), peak_mem_mb=round(memory.mb, 1))
+
+
+def measure(step: Callable[[], None], device: torch.device, batch_size: int, num_warm_iter: int,
+            num_bench_iter: int) -> dict:
+    """Time any ``step`` (e.g. a detector's forward) as :func:`benchmark` times a model.
+
+    ``num_warm_iter`` untimed calls, then ``num_bench_iter`` timed calls under :class:`PeakMemory`.
+
+    Returns:
+        ``samples_per_sec``, ``step_time`` (mean ms) and ``peak_mem_mb``.
+    """
+    return _measure(step, device, batch_size, num_warm_iter, num_bench_iter)
 
 
 def _check_positive(**values: int) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``mambazoo list | flops | bench | demo`` (also ``python -m mambazoo.cli``)."""
+"""Command line: ``mambazoo list | flops | bench | demo | predict`` (also ``python -m mambazoo.cli``)."""
 import argparse
 import fnmatch
 import sys
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import bench as bench_engine
+from .dense.predict import add_predict_arguments, run_predict
 from .flops import count_model_macs
 from .zoo import MODEL_INFO, check_model_name, list_models
 
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     demo.add_argument("--name", default="demo_sweep_cpu")
     demo.add_argument("--no-progress", action="store_true")
+
+    predict = commands.add_parser("predict", help="draw detections or a segmentation of an image into a PNG")
+    add_predict_arguments(predict)
     return parser
 
 
@@ -177,7 +181,8 @@ def _command_demo(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``mambazoo`` command."""
     args = _parser().parse_args(argv)
-    commands = dict(list=_command_list, flops=_command_flops, bench=_command_bench, demo=_command_demo)
+    commands = dict(list=_command_list, flops=_command_flops, bench=_command_bench, demo=_command_demo,
+                    predict=run_predict)
     try:
         commands[args.command](args)
     except (ValueError, TypeError) as error:

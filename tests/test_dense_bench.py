@@ -1,0 +1,23 @@
+"""Smoke test of the dense CPU benchmark script (tiny models and sizes, one round): rows, ratios and result files."""
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "dense_cpu.py"
+
+
+def test_dense_benchmark_runs_interleaved_and_writes_results(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("dense_cpu", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.main(["--models", "test_mambaout", "test_vit", "no_such_model", "--baselines", "test_vit",
+                        "--tasks", "segmentation", "backbone", "--det-size", "60", "90", "--seg-size", "32",
+                        "--rounds", "1", "--out-dir", str(tmp_path), "--name", "smoke"])
+    assert [(r["model"], r["task"], r["img_size"]) for r in rows] == [
+        ("test_mambaout", "segmentation", "32x32"), ("test_vit", "segmentation", "32x32"),
+        ("test_mambaout", "backbone", "64x96"), ("test_vit", "backbone", "64x96")]  # padded to multiples of 32
+    assert all(r["infer_samples_per_sec"] > 0 and r["infer_peak_mem_mb"] >= 0 for r in rows)
+    assert [r["speed_vs_test_vit"] for r in rows if r["model"] == "test_vit"] == [1.0, 1.0]  # itself
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved["results"] == rows and "cpu" in saved["meta"]["machine"]
+    assert {p.name for p in tmp_path.iterdir()} == {"smoke.csv", "smoke.json", "smoke.md"}
