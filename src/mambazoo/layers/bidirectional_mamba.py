@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import causal_conv1d, selective_scan
+from ..ops import capabilities, causal_conv1d, selective_scan
 
 __all__ = ["BidirectionalMamba"]
 
@@ -86,6 +86,8 @@ class BidirectionalMamba(nn.Module):
         self.D_b = nn.Parameter(torch.empty(inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(inner, dim, bias=bias, **dd)
         self.reset_parameters()
+        for op in ("selective_scan", "causal_conv1d"):
+            capabilities.preload(op)  # now, not on the first call (which may be inside torch.compile)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 
-from ..ops import selective_scan
+from ..ops import capabilities, selective_scan
 
 __all__ = ["PlainMamba", "PlainMamba2D", "PlainMambaLayer", "ConvPatchEmbed", "ScanPaths", "scan_paths", "zigzag_scan_orders"]
 
@@ -152,6 +152,7 @@ class PlainMamba2D(nn.Module):
         self.direction_Bs = nn.Parameter(torch.empty(5, d_state, **dd))
         self.out_proj = nn.Linear(inner, dim, bias=True, **dd)
         self.reset_ssm_parameters()
+        capabilities.preload("selective_scan")  # now, not on the first call (which may be inside torch.compile)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
