@@ -6,6 +6,7 @@ import torch
 from timm.models import model_entrypoint
 
 import mambazoo
+from mambazoo.checkpoint import CheckpointMismatchError
 from mambazoo.zoo import MODEL_INFO, load_official_mambaout_state_dict, metadata_table, model_info
 from official_keys import parse_key_line
 
@@ -129,5 +130,5 @@ def test_official_mambaout_file_loads_through_timms_pretrained_path(tmp_path: Pa
 def test_official_state_dict_with_a_wrong_shape_fails_loudly() -> None:
     state_dict = _official_state_dict()
     state_dict["stages.0.0.fc1.weight"] = torch.zeros(3, 3)
-    with pytest.raises(RuntimeError, match="stages.0.blocks.0.fc1.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"stages.0.blocks.0.fc1.weight: checkpoint \(3, 3\) vs model"):
         load_official_mambaout_state_dict(mambazoo.create_model("mambaout_femto"), state_dict)

@@ -16,6 +16,8 @@ import timm
 from timm.models import is_model, model_entrypoint
 from torch import nn
 
+from .checkpoint import CheckpointError, check_checkpoint_path, check_state_dict
+
 __all__ = [
     "MODEL_INFO",
     "ModelInfo",
@@ -68,10 +70,21 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """Create any timm model by name, after making sure mambazoo's models are registered.
 
     A thin wrapper over :func:`timm.create_model` (same arguments: ``num_classes``, ``img_size``, ``features_only``,
-    ``pretrained_cfg_overlay``, ...); baselines such as ``deit_tiny_patch16_224`` work too.
+    ``pretrained_cfg_overlay``, ...); baselines such as ``deit_tiny_patch16_224`` work too. A local weights file
+    (``pretrained_cfg_overlay=dict(file=...)``) is checked first, and loading errors of models outside mambazoo's
+    families (e.g. timm's MambaOut) are re-raised naming the file.
     """
     check_model_name(name)
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+    if file is None:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    check_checkpoint_path(file)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        raise CheckpointError(f"checkpoint file '{file}' does not match {name}: {error}") from error
 
 
 def check_model_name(name: str) -> None:
@@ -181,7 +194,13 @@ def load_official_mambaout_state_dict(model: nn.Module, state_dict: dict, strict
 
     Returns:
         The ``load_state_dict`` result (missing and unexpected keys; empty when strict loading succeeds).
+
+    Raises:
+        CheckpointMismatchError: With ``strict``, a listing of every missing, unexpected and mis-shaped key.
     """
     from timm.models.mambaout import checkpoint_filter_fn
 
-    return model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=strict)
+    converted = checkpoint_filter_fn(state_dict, model)
+    if strict:
+        check_state_dict(converted, model)
+    return model.load_state_dict(converted, strict=strict)
