@@ -111,7 +111,7 @@ def test_demo_summary_reports_crossing_and_ratios() -> None:
             row(cli.VIM, 1248, 0.8, 20.0, 2.0), row(cli.DEIT_SDPA, 1248, 0.4, 40.0, 1.0)]
     lines = cli.demo_summary(rows)
     # crossing: log ratios -ln2 at 224, +ln2 at 1248 -> midpoint 736; speed 2x, memory 0.5x (50% saved)
-    assert "at ≈736 px" in lines[0] and "2.00x as fast" in lines[1] and "0.50x the peak memory" in lines[1]
+    assert "at about 736 px" in lines[0] and "2.00x as fast" in lines[1] and "0.50x the peak memory" in lines[1]
     assert "+50.0% saved" in lines[1]
 
 
@@ -143,4 +143,4 @@ def test_cli_bench_and_flops(tmp_path: Path, capsys) -> None:
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mambaout_femto"))
     _, name, size, gmacs, scan, published, _ = (cell.strip() for cell in row.split("|"))
     assert (size, scan, published) == ("224", "0.0", "1.2")
-    assert float(gmacs) == pytest.approx(1.15, rel=5e-3)  # mambaout.md §1 counted figure
+    assert float(gmacs) == pytest.approx(1.15, rel=5e-3)  # docs/mambaout.md counted figure

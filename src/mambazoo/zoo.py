@@ -113,7 +113,7 @@ def create_model_for_size(name: str, img_size: Union[int, tuple[int, int]], **kw
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Published facts about one variant (values and their source from ``specs/``)."""
+    """Published facts about one variant; ``source`` names the page of ``docs/`` that gives them."""
 
     name: str
     family: str
@@ -140,30 +140,30 @@ def _info(name: str, family: str, facts: tuple[str, str, str], top1: float, para
 
 
 # Exact parameter counts include the 1000-class head. Reported GMACs are the papers' "FLOPs"/"MACs" at 224 px;
-# Vim's paper reports none, its figures follow scan.md §8's convention (specs/vim.md §7).
+# Vim's paper reports none, its figures follow the convention of docs/scan.md (docs/vim.md).
 MODEL_INFO: dict[str, ModelInfo] = {info.name: info for info in (
-    _info("mambaout_femto", "mambaout", _MAMBAOUT, 78.9, 7_304_536, 1.2, "specs/mambaout.md §1"),
-    _info("mambaout_kobe", "mambaout", _MAMBAOUT, 80.0, 9_141_208, 1.5, "specs/mambaout.md §1"),
-    _info("mambaout_tiny", "mambaout", _MAMBAOUT, 82.7, 26_545_096, 4.5, "specs/mambaout.md §1"),
-    _info("mambaout_small", "mambaout", _MAMBAOUT, 84.1, 48_488_072, 9.0, "specs/mambaout.md §1"),
-    _info("mambaout_base", "mambaout", _MAMBAOUT, 84.2, 84_813_092, 15.8, "specs/mambaout.md §1"),
-    _info("vim_tiny_patch16_224", "vim", _VIM, 76.1, 7_148_008, 1.82, "specs/vim.md §1, §7"),
-    _info("vim_small_patch16_224", "vim", _VIM, 80.5, 25_796_584, 5.90, "specs/vim.md §1, §7"),
-    _info("vim_base_patch16_224", "vim", _VIM, 81.9, 97_598_440, 20.86, "specs/vim.md §1, §7"),
-    _info("vim_tiny_patch16_stride8_224", "vim", _VIM, 78.3, 7_250_344, 6.73, "specs/vim.md §1, §7"),
-    _info("vim_small_patch16_stride8_224", "vim", _VIM, 81.6, 26_001_256, 21.85, "specs/vim.md §1, §7"),
-    _info("plainmamba_l1", "plainmamba", _PLAINMAMBA, 77.9, 7_551_656, 3.0, "specs/plainmamba.md §1, §7"),
-    _info("plainmamba_l2", "plainmamba", _PLAINMAMBA, 81.6, 26_145_832, 8.1, "specs/plainmamba.md §1, §7"),
-    _info("plainmamba_l3", "plainmamba", _PLAINMAMBA, 82.3, 50_956_456, 14.4, "specs/plainmamba.md §1, §7"),
-    _info("mambavision_t", "mambavision", _MAMBAVISION, 82.3, 31_794_248, 4.4, "specs/mambavision.md §7"),
-    _info("mambavision_t2", "mambavision", _MAMBAVISION, 82.7, 35_104_008, 5.1, "specs/mambavision.md §7"),
-    _info("mambavision_s", "mambavision", _MAMBAVISION, 83.3, 50_140_584, 7.5, "specs/mambavision.md §7"),
-    _info("mambavision_b", "mambavision", _MAMBAVISION, 84.2, 97_685_288, 15.0, "specs/mambavision.md §7"),
-    _info("mambavision_l", "mambavision", _MAMBAVISION, 85.0, 227_961_048, 34.9, "specs/mambavision.md §7"),
-    _info("mambavision_l2", "mambavision", _MAMBAVISION, 85.3, 241_554_824, 37.5, "specs/mambavision.md §7"),
-    _info("spatialmamba_t", "spatialmamba", _SPATIAL, 83.5, 26_748_862, 4.5, "specs/spatialmamba.md §1"),
-    _info("spatialmamba_s", "spatialmamba", _SPATIAL, 84.6, 43_074_280, 7.1, "specs/spatialmamba.md §1"),
-    _info("spatialmamba_b", "spatialmamba", _SPATIAL, 85.3, 95_745_592, 15.8, "specs/spatialmamba.md §1"),
+    _info("mambaout_femto", "mambaout", _MAMBAOUT, 78.9, 7_304_536, 1.2, "docs/mambaout.md"),
+    _info("mambaout_kobe", "mambaout", _MAMBAOUT, 80.0, 9_141_208, 1.5, "docs/mambaout.md"),
+    _info("mambaout_tiny", "mambaout", _MAMBAOUT, 82.7, 26_545_096, 4.5, "docs/mambaout.md"),
+    _info("mambaout_small", "mambaout", _MAMBAOUT, 84.1, 48_488_072, 9.0, "docs/mambaout.md"),
+    _info("mambaout_base", "mambaout", _MAMBAOUT, 84.2, 84_813_092, 15.8, "docs/mambaout.md"),
+    _info("vim_tiny_patch16_224", "vim", _VIM, 76.1, 7_148_008, 1.82, "docs/vim.md"),
+    _info("vim_small_patch16_224", "vim", _VIM, 80.5, 25_796_584, 5.90, "docs/vim.md"),
+    _info("vim_base_patch16_224", "vim", _VIM, 81.9, 97_598_440, 20.86, "docs/vim.md"),
+    _info("vim_tiny_patch16_stride8_224", "vim", _VIM, 78.3, 7_250_344, 6.73, "docs/vim.md"),
+    _info("vim_small_patch16_stride8_224", "vim", _VIM, 81.6, 26_001_256, 21.85, "docs/vim.md"),
+    _info("plainmamba_l1", "plainmamba", _PLAINMAMBA, 77.9, 7_551_656, 3.0, "docs/plainmamba.md"),
+    _info("plainmamba_l2", "plainmamba", _PLAINMAMBA, 81.6, 26_145_832, 8.1, "docs/plainmamba.md"),
+    _info("plainmamba_l3", "plainmamba", _PLAINMAMBA, 82.3, 50_956_456, 14.4, "docs/plainmamba.md"),
+    _info("mambavision_t", "mambavision", _MAMBAVISION, 82.3, 31_794_248, 4.4, "docs/mambavision.md"),
+    _info("mambavision_t2", "mambavision", _MAMBAVISION, 82.7, 35_104_008, 5.1, "docs/mambavision.md"),
+    _info("mambavision_s", "mambavision", _MAMBAVISION, 83.3, 50_140_584, 7.5, "docs/mambavision.md"),
+    _info("mambavision_b", "mambavision", _MAMBAVISION, 84.2, 97_685_288, 15.0, "docs/mambavision.md"),
+    _info("mambavision_l", "mambavision", _MAMBAVISION, 85.0, 227_961_048, 34.9, "docs/mambavision.md"),
+    _info("mambavision_l2", "mambavision", _MAMBAVISION, 85.3, 241_554_824, 37.5, "docs/mambavision.md"),
+    _info("spatialmamba_t", "spatialmamba", _SPATIAL, 83.5, 26_748_862, 4.5, "docs/spatialmamba.md"),
+    _info("spatialmamba_s", "spatialmamba", _SPATIAL, 84.6, 43_074_280, 7.1, "docs/spatialmamba.md"),
+    _info("spatialmamba_b", "spatialmamba", _SPATIAL, 85.3, 95_745_592, 15.8, "docs/spatialmamba.md"),
 )}
 
 

@@ -3,9 +3,9 @@
 Paper: "PlainMamba: Improving Non-Hierarchical Mamba in Visual Recognition", C. Yang et al., BMVC 2024
 (arXiv 2403.17695). Official weights: Hugging Face ``ChenhongyiYang/PlainMamba`` (``l1.pth``, ``l2.pth``, ``l3.pth``).
 
-Written clean-room from a behavioural specification (the official code carries no licence). The default
-configuration reproduces the released checkpoints, including two quirks of the official code that the weights
-depend on; see :class:`PlainMamba2D`.
+Written clean-room from the paper and the observed behaviour (the official code carries no licence; see
+``docs/plainmamba.md``). The default configuration reproduces the released checkpoints, including two quirks of the
+official code that the weights depend on; see :class:`PlainMamba2D`.
 """
 import math
 import re

@@ -3,7 +3,7 @@
 Paper: "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model",
 https://arxiv.org/abs/2401.09417 (ICML 2024). Official code and weights: https://github.com/hustvl/Vim (Apache-2.0).
 
-Written from the specification in the project (``vim.md``): the released mid-cls-token "bimamba v2" models with their
+Described in ``docs/vim.md``: the released mid-cls-token "bimamba v2" models with their
 exact state-dict layout, so the official checkpoints load unchanged. Differences from the official code: any input
 size (``img_size`` at creation, ``dynamic_img_size`` at forward time) with a position-embedding resize that respects
 the middle cls token, a reverse-direction scan instead of flipped copies, and the timm model contract.
@@ -513,7 +513,7 @@ default_cfgs = generate_default_cfgs({
         hf_hub_id="hustvl/Vim-small-midclstok", hf_hub_filename="vim_s_midclstok_80p5acc.pth"),
     "vim_small_patch16_stride8_224.in1k": _cfg(
         hf_hub_id="hustvl/Vim-small-midclstok", hf_hub_filename="vim_s_midclstok_ft_81p6acc.pth"),
-    # File name on the hub not verified (vim.md §1).
+    # File name on the hub not verified (docs/vim.md).
     "vim_base_patch16_224.in1k": _cfg(
         hf_hub_id="hustvl/Vim-base-midclstok", hf_hub_filename="vim_b_midclstok_81p9acc.pth"),
     "test_vim.untrained": _cfg(input_size=(3, 64, 64), crop_pct=1.0, license=None),
