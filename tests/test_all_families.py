@@ -101,7 +101,8 @@ def test_missing_empty_and_truncated_files_are_named(tmp_path: Path, name: str, 
 
 def test_mambaout_file_of_another_model_is_named_by_the_zoo(tmp_path: Path) -> None:
     path = save_state_dict(timm.create_model("test_vim").state_dict(), tmp_path / "vim.safetensors")
-    with pytest.raises(CheckpointError, match=f"(?s)checkpoint file '{path}' does not match test_mambaout: .*Missing key"):
+    expected = f"(?s)checkpoint file '{path}' does not match test_mambaout: .*Missing key"
+    with pytest.raises(CheckpointError, match=expected):
         mambazoo.create_model("test_mambaout", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 

@@ -99,7 +99,8 @@ def test_native_conv_translation_matches_the_float64_torch_conv(tmp_path: Path) 
     assert any(node.op_type == "Conv" for node in _all_nodes(onnx.load(str(tmp_path / "conv.onnx"))))
     got = torch.from_numpy(_ort_run(tmp_path / "conv.onnx", x))
     weight, bias = module.weight.detach().double(), module.bias.detach().double()
-    expected = torch.stack([causal_conv1d_torch(x.double(), weight, bias, reverse=reverse) for reverse in (False, True)])
+    expected = torch.stack([causal_conv1d_torch(x.double(), weight, bias, reverse=reverse)
+                            for reverse in (False, True)])
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 

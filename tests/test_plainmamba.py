@@ -16,8 +16,9 @@ from official_keys import read_key_shapes
 
 KEYS_L1 = Path(__file__).parent / "data" / "keys_plainmamba_l1.txt"  # official L1 key list (docs/plainmamba.md)
 
-# Expected orders / direction ids written by hand from the definition (docs/plainmamba.md): o1 row snake from the top-left,
-# o2 = reverse(o1), o3 column snake from the top-left, o4 = reverse(o3); ids 0 start, 1 right, 2 left, 3 up, 4 down.
+# Expected orders / direction ids written by hand from the definition (docs/plainmamba.md): o1 row snake from the
+# top-left, o2 = reverse(o1), o3 column snake from the top-left, o4 = reverse(o3); ids 0 start, 1 right, 2 left,
+# 3 up, 4 down.
 HAND_ORDERS = {
     (3, 4): (
         [[0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11], [11, 10, 9, 8, 4, 5, 6, 7, 3, 2, 1, 0],

@@ -171,7 +171,8 @@ def _autocast(device: torch.device, precision: str, amp_dtype: torch.dtype):
     return torch.autocast(device.type, dtype=amp_dtype) if precision == "amp" else nullcontext()
 
 
-def _timed_loop(step: Callable[[], None], device: torch.device, num_iter: int, bar=None) -> tuple[float, float]:
+def _timed_loop(step: Callable[[], None], device: torch.device, num_iter: int,
+                bar: Optional[Any] = None) -> tuple[float, float]:
     """Run ``step`` ``num_iter`` times; returns (wall seconds of the loop, summed step seconds)."""
     step_total = 0.0
     start = time.perf_counter()
@@ -210,7 +211,7 @@ def _train_step(model: nn.Module, inputs: Tensor, device: torch.device, precisio
 
 
 def _measure(step: Callable[[], None], device: torch.device, batch_size: int, num_warm_iter: int,
-             num_bench_iter: int, bar=None) -> dict:
+             num_bench_iter: int, bar: Optional[Any] = None) -> dict:
     """Warm up, then time ``num_bench_iter`` steps; ``bar`` (a tqdm bar) advances once per step."""
     for _ in range(num_warm_iter):
         step()
@@ -247,9 +248,9 @@ def resolve_device(device: str) -> torch.device:
         return resolved
     backend = getattr(torch, resolved.type, None)
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        build = "a CPU-only PyTorch build" if resolved.type == "cuda" and torch.version.cuda is None else \
-            f"torch {torch.__version__}"
-        raise ValueError(f"device {device!r} requested but {resolved.type.upper()} is not available here ({build}); "
+        why = "this is a CPU-only PyTorch build" if resolved.type == "cuda" and torch.version.cuda is None else \
+            f"torch {torch.__version__} finds no {resolved.type} device"
+        raise ValueError(f"device {device!r} requested but {resolved.type.upper()} is not available here ({why}); "
                          f"use 'cpu'")
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if resolved.index is not None and resolved.index >= count:
@@ -402,7 +403,7 @@ def benchmark(
 
 def _run_kind(kind: str, net: nn.Module, batch_size: int, img_size: int, device: torch.device, dtype: torch.dtype,
               precision: str, amp_dtype: torch.dtype, channels_last: bool, num_warm_iter: int,
-              num_bench_iter: int, bar=None) -> dict:
+              num_bench_iter: int, bar: Optional[Any] = None) -> dict:
     inputs = torch.randn((batch_size, 3, img_size, img_size), device=device, dtype=dtype)
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)

@@ -359,7 +359,11 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
             os.unlink(temporary)
 
 
-def save_state_dict(state_dict: Mapping[str, Tensor], path: PathLike, metadata: Optional[dict[str, str]] = None) -> Path:
+def save_state_dict(
+        state_dict: Mapping[str, Tensor],
+        path: PathLike,
+        metadata: Optional[dict[str, str]] = None,
+) -> Path:
     """Write a state dict atomically: safetensors for ``.safetensors`` paths, else ``torch.save``.
 
     Args:

@@ -117,7 +117,7 @@ def export_onnx(
             fixed to its size.
         dynamic_batch: Make the batch dimension dynamic (checked at the example's batch and one more).
         opset: ONNX opset (the translations use opset 18 operators).
-        verify: Run the file with ONNX Runtime (CPU) and raise if max |onnx - eager| exceeds
+        verify: Run the file with ONNX Runtime (CPU) and raise (writing nothing) if max |onnx - eager| exceeds
             ``ONNX_RTOL * max(1, max |eager|)``; needs ``onnxruntime``.
 
     Returns:
@@ -131,14 +131,14 @@ def export_onnx(
                                     dynamic_shapes=_dynamic_shapes(dynamic_batch), input_names=["images"],
                                     output_names=["output"], custom_translation_table=onnx_translation_table(),
                                     verbose=False)
-    with atomic_write(path) as temporary:
+    error = scale = None
+    with atomic_write(path) as temporary:  # a file that fails the check is not left behind
         program.save(str(temporary))
-    if not verify:
-        return ExportResult(Path(path), tuple(example.shape), dynamic_batch)
-    error, scale = _max_error(_onnxruntime_runner(path), model, example, dynamic_batch)
-    if error > ONNX_RTOL * max(1.0, scale):
-        raise RuntimeError(f"the ONNX file {path} does not reproduce the model: max abs error {error:.3g} "
-                           f"(outputs up to {scale:.3g})")
+        if verify:
+            error, scale = _max_error(_onnxruntime_runner(temporary), model, example, dynamic_batch)
+            if error > ONNX_RTOL * max(1.0, scale):
+                raise RuntimeError(f"the ONNX export of {type(model).__name__} does not reproduce the model: max abs "
+                                   f"error {error:.3g} (outputs up to {scale:.3g}); {path} was not written")
     return ExportResult(Path(path), tuple(example.shape), dynamic_batch, error, scale)
 
 

@@ -22,7 +22,10 @@ from ..checkpoint import build_model_with_checkpoint, check_state_dict
 from ..layers.tracing import check_image_batch
 from ..ops import capabilities, selective_scan
 
-__all__ = ["PlainMamba", "PlainMamba2D", "PlainMambaLayer", "ConvPatchEmbed", "ScanPaths", "scan_paths", "zigzag_scan_orders"]
+__all__ = [
+    "PlainMamba", "PlainMamba2D", "PlainMambaLayer", "ConvPatchEmbed", "ScanPaths", "pad_to_multiple", "scan_paths",
+    "zigzag_scan_orders",
+]
 
 NUM_PATHS = 4
 PATCH_STRIDE = 16
