@@ -146,7 +146,7 @@ def _onnxruntime_runner(path: Union[str, Path]) -> Callable[[Tensor], Tensor]:
     try:
         import onnxruntime
     except ImportError as error:
-        raise ImportError("verifying an ONNX export needs onnxruntime (pip install 'mambazoo[export]'), or pass "
+        raise ImportError("verifying an ONNX export needs onnxruntime (the 'export' extra of mambazoo), or pass "
                           "verify=False") from error
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
