@@ -4,10 +4,10 @@ Shapes: D = 384, N = 16, z gate, D skip, delta_bias + softplus (Mamba init: step
 B in {1, 8}, L in {197, 1025, 6085} (224, 512 and 1248 px). Forward under ``no_grad`` and forward+backward (autograd,
 loss = sum(y * g) for a fixed random g), fp32.
 
-Method (scan.md §5): every backend runs in one process, interleaved round-robin (each round calls every backend
+Method (docs/benchmarks.md): every backend runs in one process, interleaved round-robin (each round calls every backend
 once, plus one fp32 2048^3 ``torch.mm`` in forward rounds), after one warm-up call each; the table gives the median ms
 [min-max] over rounds, the speedup over the reference as the median of per-round ratios, and GFLOP/s with the
-9·B·L·D·N convention (scan.md §8) next to the same rounds' matmul GFLOP/s. Cells that cannot finish in reasonable
+9·B·L·D·N convention (docs/scan.md) next to the same rounds' matmul GFLOP/s. Cells that cannot finish in reasonable
 time or memory are skipped with the reason; a backend whose warm-up call exceeds 10 s is timed in one round only.
 
 Usage: ``python benchmarks/scan.py [--quick] [--rounds 5] [--threads 2] [--output benchmarks/results/scan_cpu.md]``
@@ -37,7 +37,7 @@ SLOW_CALL_SECONDS = 10.0  # a backend whose warm-up call takes longer is timed i
 
 
 def make_inputs(batch: int, length: int, requires_grad: bool, seed: int = 0) -> dict:
-    """Vim-Ti-like scan inputs (scan.md §4 init-like distribution)."""
+    """Vim-Ti-like scan inputs (Mamba-init-like distribution, docs/scan.md)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def skip_reason(backend: str, batch: int, length: int, backward: bool) -> Option
     state_bytes = batch * length * DIM * D_STATE * 4
     if backward and backend != "native" and state_bytes > MAX_AUTOGRAD_STATE_BYTES:
         return (f"autograd keeps several (B,L,D,N) fp32 tensors of {state_bytes / 2**30:.1f} GiB "
-                "(peak RSS 15.8 GB in scan.md §5.2)")
+                "(peak RSS 15.8 GB measured in a reference design)")
     return None
 
 

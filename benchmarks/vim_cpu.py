@@ -7,7 +7,7 @@ the warm-up); the table gives median ms per image, images/s and the median over 
 Memory: one fresh subprocess per (model, size). After building the model and the input, the process resets its peak
 RSS (``/proc/self/clear_refs``), runs one forward and reports VmHWM − RSS before the forward, measured identically
 for both models. Two allocator settings: glibc's default (its mmap threshold grows after large frees, so freed
-activations stay resident and the number includes that slack; as in scan.md §5.5), and a fixed 128 KiB mmap/trim
+activations stay resident and the number includes that slack; as in docs/benchmarks.md), and a fixed 128 KiB mmap/trim
 threshold (``MALLOC_MMAP_THRESHOLD_``), with which freed activations go back to the OS and the peak tracks the
 live activations.
 

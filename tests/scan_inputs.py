@@ -1,4 +1,4 @@
-"""Input generators for selective-scan tests, following scan.md §4 (Mamba-init-like and 'stress' distributions)."""
+"""Input generators for selective-scan tests, (Mamba-init-like and 'stress' distributions, docs/scan.md)."""
 import math
 from dataclasses import dataclass
 from typing import Optional

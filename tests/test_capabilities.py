@@ -74,3 +74,27 @@ def test_disabled_backend_reports_its_switch(monkeypatch):
     monkeypatch.setenv("MAMBAZOO_DISABLE_NATIVE", "1")
     assert capabilities.backend_status("selective_scan")["native"] == "disabled by MAMBAZOO_DISABLE_NATIVE"
     assert resolve_backend("selective_scan", "auto", CPU, torch.float32, d_state=16) == "torch"
+
+
+def test_first_model_call_inside_torch_compile_finds_its_backends_loaded() -> None:
+    """Kernel modules load lazily; a model loads them when it is built, so a compiled first call needs no import."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys, timm, torch, mambazoo
+from mambazoo.ops import capabilities
+assert not capabilities._status, "no backend may be loaded before a model is built"
+model = timm.create_model("test_vim", img_size=32, depth=1).eval()
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    compiled = torch.compile(model, fullgraph=True)(x)  # the first call of the scan is inside the traced forward
+    torch.testing.assert_close(compiled, model(x), rtol=0, atol=1e-5)
+print("OK", capabilities._status[("selective_scan", "native")])
+"""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -97,10 +97,10 @@ PUBLISHED = [
     ("mambaout_base", 15.8, "MambaOut paper"), ("deit_tiny_patch16_224", 1.3, "DeiT paper"),
     ("plainmamba_l1", 3.0, "PlainMamba paper"), ("plainmamba_l2", 8.1, "PlainMamba paper"),
     ("plainmamba_l3", 14.4, "PlainMamba paper"),
-    ("vim_tiny_patch16_224", 1.82, "vim.md §7"), ("vim_small_patch16_224", 5.90, "vim.md §7"),
-    ("vim_base_patch16_224", 20.86, "vim.md §7"),
+    ("vim_tiny_patch16_224", 1.82, "docs/vim.md"), ("vim_small_patch16_224", 5.90, "docs/vim.md"),
+    ("vim_base_patch16_224", 20.86, "docs/vim.md"),
 ]
-# Finer figures from the specs (independent scan.md/vim.md/mambaout.md counts), checked to 0.5%.
+# Finer independently counted figures (docs/scan.md, docs/vim.md, docs/mambaout.md), checked to 0.5%.
 SPEC_COUNTED = [
     ("mambaout_femto", 1.15), ("mambaout_kobe", 1.51), ("mambaout_tiny", 4.47), ("mambaout_small", 8.94),
     ("mambaout_base", 15.79), ("plainmamba_l1", 3.006), ("plainmamba_l2", 8.060), ("plainmamba_l3", 14.408),
@@ -129,7 +129,7 @@ def test_published_gmacs(name: str, published: float, source: str) -> None:
 
 
 def test_mambaout_femto_matches_timms_published_gmacs() -> None:
-    # timm's GPU results CSV (fvcore GMACs): mambaout_femto,224,...,7.3,1.16,8.34 (mambaout.md §1)
+    # timm's GPU results CSV (fvcore GMACs): mambaout_femto,224,...,7.3,1.16,8.34 (docs/mambaout.md)
     assert _gmacs_at_224("mambaout_femto") == pytest.approx(1.16, rel=0.02)
 
 
@@ -141,7 +141,7 @@ def test_counted_gmacs_match_spec_figures(name: str, expected: float) -> None:
 
 def test_scan_share_of_vim_tiny() -> None:
     _require("vim_tiny_patch16_224")
-    # 24 layers x 2 directions x 9 x L197 x E384 x N16 (vim.md §7: scan 0.52G)
+    # 24 layers x 2 directions x 9 x L197 x E384 x N16 (docs/vim.md: scan 0.52G)
     assert count_model_macs("vim_tiny_patch16_224").scan == 48 * scan_macs(1, 197, 384, 16)
 
 

@@ -9,14 +9,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import mambazoo  # noqa: F401  (registers the models)
+from mambazoo.checkpoint import CheckpointMismatchError
 from mambazoo.models.plainmamba import PlainMamba2D, checkpoint_filter_fn, zigzag_scan_orders
 from mambazoo.ops import available_backends
 from official_keys import read_key_shapes
 
-KEYS_L1 = Path(__file__).parent / "data" / "keys_plainmamba_l1.txt"  # copy of the spec's official key list
+KEYS_L1 = Path(__file__).parent / "data" / "keys_plainmamba_l1.txt"  # official L1 key list (docs/plainmamba.md)
 
-# Expected orders / direction ids written by hand from the definition (spec §2.4): o1 row snake from the top-left,
-# o2 = reverse(o1), o3 column snake from the top-left, o4 = reverse(o3); ids 0 start, 1 right, 2 left, 3 up, 4 down.
+# Expected orders / direction ids written by hand from the definition (docs/plainmamba.md): o1 row snake from the
+# top-left, o2 = reverse(o1), o3 column snake from the top-left, o4 = reverse(o3); ids 0 start, 1 right, 2 left,
+# 3 up, 4 down.
 HAND_ORDERS = {
     (3, 4): (
         [[0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11], [11, 10, 9, 8, 4, 5, 6, 7, 3, 2, 1, 0],
@@ -75,7 +77,7 @@ def test_scan_orders_14x14_follow_the_definition():
     expected = [(rows, row_dirs), _reverse_path(rows, 14), (cols, col_dirs), _reverse_path(cols, 14)]
     for k, (order, dirs) in enumerate(expected):
         assert orders[k].tolist() == order and directions[k].tolist() == dirs
-    # start corners at 14×14: top-left, bottom-left, top-left, top-right (spec §2.4)
+    # start corners at 14×14: top-left, bottom-left, top-left, top-right (docs/plainmamba.md)
     assert orders[:, 0].tolist() == [0, 13 * 14, 0, 13]
 
 
@@ -85,7 +87,7 @@ def test_scan_orders_reject_empty_grid():
 
 
 def _mixer_oracle(mixer: PlainMamba2D, x: torch.Tensor, hw: tuple[int, int], quirky: bool) -> torch.Tensor:
-    """Float64 loop implementation of the mixer equations (spec §2.3), using the hand-written orders."""
+    """Float64 loop implementation of the mixer equations (docs/plainmamba.md), using the hand-written orders."""
     p = {name: t.double() for name, t in mixer.state_dict().items()}
     height, width = hw
     inner, rank, n = mixer.d_inner, mixer.dt_rank, mixer.d_state
@@ -238,10 +240,12 @@ def test_strict_load_reports_the_bad_keys(tmp_path):
     official["backbone.extra.weight"] = torch.zeros(1)
     path = tmp_path / "bad.pth"
     torch.save(official, path)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(CheckpointMismatchError) as error:
         timm.create_model("test_plainmamba", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    for fragment in ("layers.1.mamba.direction_Bs", "layers.2.mamba.A_log", "extra.weight"):
-        assert fragment in str(error.value)
+    message = str(error.value)
+    assert f"checkpoint file '{path}' does not match PlainMamba (test_plainmamba)" in message
+    assert "missing (1): layers.1.mamba.direction_Bs" in message and "unexpected (1): extra.weight" in message
+    assert "layers.2.mamba.A_log: checkpoint (3, 3) vs model (64, 8)" in message
 
 
 def test_offline_pretrained_path_adapts_head(tmp_path):

@@ -18,12 +18,12 @@ from official_keys import read_key_shapes
 KEYS_FILE = Path(__file__).parent / "data" / "keys_vim_tiny.txt"
 VARIANTS = ["vim_tiny_patch16_224", "vim_tiny_patch16_stride8_224", "vim_small_patch16_224",
             "vim_small_patch16_stride8_224", "vim_base_patch16_224"]
-# Published exact counts with a 1000-class head (vim.md §1, from the official models).
+# Published exact counts with a 1000-class head (docs/vim.md, from the official models).
 PARAM_COUNTS = dict(zip(VARIANTS, [7_148_008, 7_250_344, 25_796_584, 26_001_256, 97_598_440]))
 
 
 def official_keys() -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the official Vim-Ti state dict (from the spec's dump of the official model)."""
+    """Key -> shape of the official Vim-Ti state dict (dumped from the official model)."""
     return read_key_shapes(KEYS_FILE.name)
 
 
@@ -65,7 +65,7 @@ def _reference_direction(x, z, p, suffix):
 
 
 def reference_vim_forward(p: dict, x: torch.Tensor, depth: int, stride: int) -> torch.Tensor:
-    """Official Vim forward written from the spec's equations: flipped backward branch, deferred-add RMSNorm."""
+    """Official Vim forward written from its equations (docs/vim.md): flipped backward branch, deferred-add RMSNorm."""
     def rms(v, w):
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w
 

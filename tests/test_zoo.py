@@ -6,10 +6,11 @@ import torch
 from timm.models import model_entrypoint
 
 import mambazoo
+from mambazoo.checkpoint import CheckpointMismatchError
 from mambazoo.zoo import MODEL_INFO, load_official_mambaout_state_dict, metadata_table, model_info
-from official_keys import parse_key_line
+from official_keys import read_mambaout_sections
 
-KEYS_FILE = Path(__file__).parent / "data" / "keys_mambaout_femto.txt"  # copy of specs/keys/keys_mambaout_femto.txt
+KEYS_FILE = Path(__file__).parent / "data" / "keys_mambaout_femto.txt"  # official femto key list (docs/mambaout.md)
 MAMBAOUT = ["mambaout_femto", "mambaout_kobe", "mambaout_tiny", "mambaout_small", "mambaout_base"]
 
 
@@ -79,16 +80,8 @@ def test_metadata_table_rows_and_licences() -> None:
 
 
 def _key_sections() -> tuple[list[tuple[str, tuple]], list[tuple[str, tuple]]]:
-    """(official keys, timm keys) with shapes, parsed from the spec's key list."""
-    official, timm_names, current = [], [], None
-    for line in KEYS_FILE.read_text().splitlines():
-        if line.startswith("# key"):
-            current = official
-        elif line.startswith("# timm"):
-            current = timm_names
-        elif (entry := parse_key_line(line)) is not None and current is not None:
-            current.append(entry)
-    return official, timm_names
+    """(official keys, timm keys) with shapes, parsed from the official key list."""
+    return read_mambaout_sections(KEYS_FILE.name)
 
 
 def _official_state_dict() -> dict[str, torch.Tensor]:
@@ -108,7 +101,7 @@ def test_official_mambaout_state_dict_loads_strictly_into_timm_model() -> None:
     result = load_official_mambaout_state_dict(model, state_dict)
     assert not result.missing_keys and not result.unexpected_keys
     loaded = model.state_dict()
-    assert [(k, tuple(v.shape)) for k, v in loaded.items()] == _key_sections()[1]  # the spec's timm names, in order
+    assert [(k, tuple(v.shape)) for k, v in loaded.items()] == _key_sections()[1]  # the listed timm names, in order
     torch.testing.assert_close(loaded["stem.conv1.weight"], state_dict["downsample_layers.0.conv1.weight"])
     torch.testing.assert_close(loaded["stages.2.blocks.8.fc2.bias"], state_dict["stages.2.8.fc2.bias"])
     torch.testing.assert_close(loaded["head.pre_logits.norm.weight"], state_dict["head.norm.weight"])
@@ -129,5 +122,11 @@ def test_official_mambaout_file_loads_through_timms_pretrained_path(tmp_path: Pa
 def test_official_state_dict_with_a_wrong_shape_fails_loudly() -> None:
     state_dict = _official_state_dict()
     state_dict["stages.0.0.fc1.weight"] = torch.zeros(3, 3)
-    with pytest.raises(RuntimeError, match="stages.0.blocks.0.fc1.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"stages.0.blocks.0.fc1.weight: checkpoint \(3, 3\) vs model"):
         load_official_mambaout_state_dict(mambazoo.create_model("mambaout_femto"), state_dict)
+
+
+def test_metadata_of_registered_families_cites_docs_in_the_repository() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for row in metadata_table(registered_only=True):
+        assert row["source"].startswith("docs/") and (root / row["source"]).is_file(), row["name"]

@@ -12,6 +12,7 @@ Peak memory (added to timm's columns as ``*_peak_mem_mb``): on CUDA ``torch.cuda
 ``reset_peak_memory_stats()`` just before the timed loop (weights, input and activations). On CPU see
 :data:`CPU_MEMORY_METHOD`.
 """
+import contextlib
 import ctypes
 import json
 import math
@@ -22,28 +23,33 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import timm
 import torch
 from timm.utils import decay_batch_step
 from torch import Tensor, nn
 
+from .checkpoint import atomic_write
 from .flops import count_model_macs
 from .zoo import create_model_for_size
 
 __all__ = [
     "CPU_MEMORY_METHOD",
+    "DEFAULT_BATCH_SIZE",
     "ModelSpec",
     "PeakMemory",
     "benchmark",
     "build_model",
     "crossover_resolution",
+    "default_batch_size",
     "is_oom",
+    "load_warning",
     "machine_description",
     "markdown_table",
     "measure",
     "plot_sweep",
+    "resolve_device",
     "run_with_oom_retry",
     "sweep",
     "write_results",
@@ -55,6 +61,10 @@ CPU_MEMORY_METHOD = (
     "malloc_trim(0) returns cached free memory. Includes allocator slack; excludes weights and input (already "
     "resident)."
 )
+# Images per step when none is given: timm's 256 on accelerators; 1 on CPU, where a batch of 256 of a large model
+# would take minutes per step (timm's published CPU configuration is batch 1 as well).
+DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 256}
+LOADED_FRACTION = 0.5  # warn when the 1-minute load average exceeds this fraction of the usable cores
 _PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "amp": torch.float32}
 _MATERIALIZED_SUFFIX = ":math"
 
@@ -93,9 +103,12 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec, img_size: int, device: torch.device, dtype: torch.dtype = torch.float32,
-                channels_last: bool = False) -> nn.Module:
-    """Create a randomly initialised benchmark model for ``img_size`` inputs on ``device``."""
-    model = create_model_for_size(spec.name, img_size)
+                channels_last: bool = False, model_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+    """Create a randomly initialised benchmark model for ``img_size`` inputs on ``device``.
+
+    ``model_kwargs`` go to the model's constructor (e.g. ``scan_backend="torch"``), as timm's ``--model-kwargs``.
+    """
+    model = create_model_for_size(spec.name, img_size, **(model_kwargs or {}))
     if spec.materialize_attention:
         attention_modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
         if not attention_modules:
@@ -159,7 +172,8 @@ def _autocast(device: torch.device, precision: str, amp_dtype: torch.dtype):
     return torch.autocast(device.type, dtype=amp_dtype) if precision == "amp" else nullcontext()
 
 
-def _timed_loop(step: Callable[[], None], device: torch.device, num_iter: int) -> tuple[float, float]:
+def _timed_loop(step: Callable[[], None], device: torch.device, num_iter: int,
+                bar: Optional[Any] = None) -> tuple[float, float]:
     """Run ``step`` ``num_iter`` times; returns (wall seconds of the loop, summed step seconds)."""
     step_total = 0.0
     start = time.perf_counter()
@@ -168,6 +182,8 @@ def _timed_loop(step: Callable[[], None], device: torch.device, num_iter: int) -
         step()
         _sync(device)
         step_total += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(1)
     return time.perf_counter() - start, step_total
 
 
@@ -196,12 +212,15 @@ def _train_step(model: nn.Module, inputs: Tensor, device: torch.device, precisio
 
 
 def _measure(step: Callable[[], None], device: torch.device, batch_size: int, num_warm_iter: int,
-             num_bench_iter: int) -> dict:
+             num_bench_iter: int, bar: Optional[Any] = None) -> dict:
+    """Warm up, then time ``num_bench_iter`` steps; ``bar`` (a tqdm bar) advances once per step."""
     for _ in range(num_warm_iter):
         step()
+        if bar is not None:
+            bar.update(1)
     _sync(device)
     with PeakMemory(device) as memory:
-        wall, step_total = _timed_loop(step, device, num_bench_iter)
+        wall, step_total = _timed_loop(step, device, num_bench_iter, bar)
     return dict(samples_per_sec=float(f"{batch_size * num_bench_iter / wall:.4g}"),
                 step_time=round(1000 * step_total / num_bench_iter, 3), peak_mem_mb=round(memory.mb, 1))
 
@@ -226,18 +245,73 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be positive, got {value}")
 
 
+def resolve_device(device: str) -> torch.device:
+    """The torch device named ``device`` if it can run a benchmark here, else a ValueError saying why not.
+
+    Unknown names, the ``meta`` device (shapes without data: nothing to time), an unavailable accelerator and an
+    out-of-range device index are refused.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "meta":
+        raise ValueError("the meta device holds shapes without data, so there is nothing to time; use 'cpu' or 'cuda'")
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        why = "this is a CPU-only PyTorch build" if resolved.type == "cuda" and torch.version.cuda is None else \
+            f"torch {torch.__version__} finds no {resolved.type} device"
+        raise ValueError(f"device {device!r} requested but {resolved.type.upper()} is not available here ({why}); "
+                         f"use 'cpu'")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"device {device!r} does not exist: {count} {resolved.type} device(s) visible")
+    return resolved
+
+
+def default_batch_size(device: str) -> int:
+    """Images per step when none is given (see :data:`DEFAULT_BATCH_SIZE`)."""
+    return DEFAULT_BATCH_SIZE.get(torch.device(device).type, DEFAULT_BATCH_SIZE["cuda"])
+
+
+def load_warning() -> Optional[str]:
+    """A warning when the machine is visibly loaded (1-minute load average above half the usable cores), else None.
+
+    Benchmarks share the CPU with whatever else runs; ratios measured interleaved survive moderate load, absolute
+    numbers do not.
+    """
+    if not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load <= LOADED_FRACTION * cores:
+        return None
+    return (f"warning: the machine is loaded (1-minute load average {load:.1f} on {cores} usable cores); timings "
+            f"will be slower and noisier than on a quiet machine")
+
+
+@contextlib.contextmanager
+def _cuda_benchmark_flags(device: torch.device) -> Iterator[None]:
+    """timm's CUDA benchmark settings (TF32 matmuls, cuDNN autotuning) for the duration, then the previous ones."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = True, True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
 def _resolve_options(device: str, precision: str, amp_dtype: str) -> tuple[torch.device, torch.dtype, torch.dtype]:
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     if amp_dtype not in ("float16", "bfloat16"):
         raise ValueError(f"amp_dtype must be 'float16' or 'bfloat16', got {amp_dtype!r}")
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
-        torch.backends.cuda.matmul.allow_tf32 = True  # as timm's benchmark.py
-        torch.backends.cudnn.benchmark = True
-    return device, _PRECISIONS[precision], _PRECISIONS[amp_dtype]
+    return resolve_device(device), _PRECISIONS[precision], _PRECISIONS[amp_dtype]
 
 
 def _default_img_size(name: str) -> int:
@@ -270,7 +344,7 @@ def run_with_oom_retry(run: Callable[[int], dict], batch_size: int, device: torc
 
 def benchmark(
         model: str,
-        batch_size: int = 256,
+        batch_size: Optional[int] = None,
         img_size: Optional[int] = None,
         bench: str = "inference",
         device: str = "cpu",
@@ -281,52 +355,68 @@ def benchmark(
         num_bench_iter: int = 40,
         count_gmacs: bool = True,
         retry_oom: bool = True,
+        model_kwargs: Optional[dict[str, Any]] = None,
+        torchcompile: Optional[str] = None,
+        progress: bool = False,
 ) -> dict:
     """Benchmark one model; returns a row with timm's column names plus ``*_peak_mem_mb``.
 
+    On CUDA, TF32 matmuls and cuDNN autotuning are switched on for the run (as timm's benchmark) and restored after.
+
     Args:
         model: Registered model name, or ``name:math`` for materialised attention (see :class:`ModelSpec`).
-        batch_size: Images per step (timm's default 256; lowered and retried on CUDA out-of-memory).
+        batch_size: Images per step; default :data:`DEFAULT_BATCH_SIZE` for the device (1 on CPU, timm's 256 on
+            CUDA). Lowered and retried on CUDA out-of-memory.
         img_size: Square input resolution; default the model's ``test_input_size`` (timm's default).
         bench: ``"inference"``, ``"train"`` or ``"both"``.
-        device: Torch device string.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (see :func:`resolve_device`).
         precision: ``"float32"``, ``"float16"``, ``"bfloat16"`` (model and input cast) or ``"amp"`` (autocast).
         amp_dtype: Autocast dtype for ``precision="amp"``.
         channels_last: Use the channels-last memory format for model and input.
         num_warm_iter: Untimed warm-up steps.
         num_bench_iter: Timed steps.
-        count_gmacs: Add ``infer_gmacs`` (batch 1, :mod:`mambazoo.flops`).
+        count_gmacs: Add ``infer_gmacs`` (batch 1, :mod:`mambazoo.flops`; skipped when compiled, as timm does).
         retry_oom: On CUDA out-of-memory, lower the batch size and retry (as timm's ``--no-retry`` off).
+        model_kwargs: Extra model constructor arguments (timm's ``--model-kwargs``), e.g. ``scan_backend="torch"``.
+        torchcompile: ``torch.compile`` backend (timm's ``--torchcompile``, e.g. ``"inductor"``); None for eager.
+        progress: Show a progress bar over the warm-up and timed steps (on stderr).
     """
     spec = ModelSpec.parse(model)
     if bench not in ("inference", "train", "both"):
         raise ValueError(f"bench must be 'inference', 'train' or 'both', got {bench!r}")
     img_size = _default_img_size(spec.name) if img_size is None else img_size
+    device_, dtype, amp_dtype_ = _resolve_options(device, precision, amp_dtype)
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     _check_positive(batch_size=batch_size, img_size=img_size, num_bench_iter=num_bench_iter)
     if num_warm_iter < 0:
         raise ValueError(f"num_warm_iter must be >= 0, got {num_warm_iter}")
-    device_, dtype, amp_dtype_ = _resolve_options(device, precision, amp_dtype)
-    net = build_model(spec, img_size, device_, dtype, channels_last)
-    row = dict(model=spec.key, param_count=round(sum(p.numel() for p in net.parameters()) / 1e6, 2))
-    kinds = ("inference", "train") if bench == "both" else (bench,)
-    for kind in kinds:
-        prefix = "infer" if kind == "inference" else "train"
+    with _cuda_benchmark_flags(device_):
+        net = build_model(spec, img_size, device_, dtype, channels_last, model_kwargs)
+        row = dict(model=spec.key, param_count=round(sum(p.numel() for p in net.parameters()) / 1e6, 2))
+        if torchcompile:
+            net = torch.compile(net, backend=torchcompile)
+        kinds = ("inference", "train") if bench == "both" else (bench,)
+        bar = _progress_bar(len(kinds) * (num_warm_iter + num_bench_iter), progress, f"bench {spec.key}", "step")
+        for kind in kinds:
+            prefix = "infer" if kind == "inference" else "train"
+            bar.set_postfix_str(f"{kind} {img_size}px")
 
-        def run(size: int, kind: str = kind) -> dict:
-            return _run_kind(kind, net, size, img_size, device_, dtype, precision, amp_dtype_, channels_last,
-                             num_warm_iter, num_bench_iter)
+            def run(size: int, kind: str = kind) -> dict:
+                return _run_kind(kind, net, size, img_size, device_, dtype, precision, amp_dtype_, channels_last,
+                                 num_warm_iter, num_bench_iter, bar)
 
-        result, current = run_with_oom_retry(run, batch_size, device_, retry_oom)
-        row.update({f"{prefix}_{key}": value for key, value in result.items()})
-        row.update({f"{prefix}_batch_size": current, f"{prefix}_img_size": img_size})
-    if count_gmacs and "inference" in kinds:
-        row["infer_gmacs"] = round(count_model_macs(spec.name, img_size=img_size).gmacs, 2)
+            result, current = run_with_oom_retry(run, batch_size, device_, retry_oom)
+            row.update({f"{prefix}_{key}": value for key, value in result.items()})
+            row.update({f"{prefix}_batch_size": current, f"{prefix}_img_size": img_size})
+        bar.close()
+    if count_gmacs and "inference" in kinds and not torchcompile:
+        row["infer_gmacs"] = round(count_model_macs(spec.name, img_size=img_size, **(model_kwargs or {})).gmacs, 2)
     return row
 
 
 def _run_kind(kind: str, net: nn.Module, batch_size: int, img_size: int, device: torch.device, dtype: torch.dtype,
               precision: str, amp_dtype: torch.dtype, channels_last: bool, num_warm_iter: int,
-              num_bench_iter: int) -> dict:
+              num_bench_iter: int, bar: Optional[Any] = None) -> dict:
     inputs = torch.randn((batch_size, 3, img_size, img_size), device=device, dtype=dtype)
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -336,7 +426,7 @@ def _run_kind(kind: str, net: nn.Module, batch_size: int, img_size: int, device:
     else:
         net.train()
         step = _train_step(net, inputs, device, precision, amp_dtype)
-    return _measure(step, device, batch_size, num_warm_iter, num_bench_iter)
+    return _measure(step, device, batch_size, num_warm_iter, num_bench_iter, bar)
 
 
 def sweep(
@@ -376,8 +466,8 @@ def sweep(
     baseline_spec = ModelSpec.parse(baseline) if baseline else specs[-1]
     if baseline_spec not in specs:
         raise ValueError(f"baseline {baseline!r} is not among the models {list(models)}")
-    device_ = torch.device(device)
-    bar = _progress_bar(len(resolutions) * len(specs) * (1 + repeats), progress)
+    device_ = resolve_device(device)
+    bar = _progress_bar(len(resolutions) * len(specs) * (1 + repeats), progress, "sweep", "run")
     rows = []
     for img_size in resolutions:
         rows.extend(_sweep_resolution(specs, baseline_spec, img_size, batch_size, repeats, num_warm_iter,
@@ -386,10 +476,10 @@ def sweep(
     return rows
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool, description: str, unit: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc="sweep", unit="run")
+    return tqdm(total=total, disable=not enabled, desc=description, unit=unit)
 
 
 def _sweep_resolution(specs: list[ModelSpec], baseline: ModelSpec, img_size: int, batch_size: int, repeats: int,
@@ -472,22 +562,31 @@ def machine_description(device: str = "cpu") -> dict:
     return description
 
 
-def write_results(rows: list[dict], out_dir: Path, stem: str, meta: dict, plot: bool = True) -> list[Path]:
-    """Write ``rows`` as CSV, JSON (rows + ``meta``), a markdown table and, for sweeps, a PNG plot."""
+def write_results(rows: list[dict], out_dir: Path, stem: str, meta: dict, plot: bool = True,
+                  plot_title: Optional[str] = None) -> list[Path]:
+    """Write ``rows`` as CSV, JSON (rows + ``meta``), a markdown table and, for sweeps, a PNG plot.
+
+    Each file is written atomically (a temporary file, then a rename), so an interrupted run leaves the previous
+    files intact. ``plot_title`` labels the plot (e.g. device, batch and precision).
+    """
     import csv
+    import io
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     paths = [out_dir / f"{stem}.csv", out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    with open(paths[0], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    paths[1].write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    paths[2].write_text(_markdown_report(stem, rows, columns, meta))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    texts = (table.getvalue(), json.dumps(dict(meta=meta, results=rows), indent=2) + "\n",
+             _markdown_report(stem, rows, columns, meta))
+    for path, text in zip(paths, texts):
+        with atomic_write(path) as temporary:
+            temporary.write_text(text, newline="" if path.suffix == ".csv" else None)
     if plot:
-        paths.append(plot_sweep(rows, out_dir / f"{stem}.png"))
+        paths.append(plot_sweep(rows, out_dir / f"{stem}.png", plot_title))
     return paths
 
 
@@ -510,8 +609,11 @@ def markdown_table(rows: list[dict], columns: Optional[list[str]] = None) -> str
     return "\n".join(lines)
 
 
-def plot_sweep(rows: list[dict], path: Path) -> Path:
-    """Plot images/s and peak memory against resolution, one line per model; returns ``path``."""
+def plot_sweep(rows: list[dict], path: Path, title: Optional[str] = None) -> Path:
+    """Plot images/s and peak memory against resolution, one line per model; returns ``path`` (written atomically).
+
+    ``title`` goes above both panels (e.g. device, batch size and precision).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -531,7 +633,10 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
     for axis in (speed_axis, memory_axis):
         axis.grid(True, which="both", alpha=0.3)
     speed_axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
     return Path(path)

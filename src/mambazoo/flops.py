@@ -3,7 +3,7 @@
 Built on :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matmuls, convolutions and attention
 (``scaled_dot_product_attention``) at 2 FLOPs per multiply-accumulate and ignores elementwise ops. While counting,
 every selective scan is routed through the custom op ``mambazoo::selective_scan_fused`` (see
-:func:`mambazoo.ops.selective_scan.route_through_custom_op`), which is mapped to 9·B·L·D·N MACs (``scan.md`` §8, the
+:func:`mambazoo.ops.selective_scan.route_through_custom_op`), which is mapped to 9·B·L·D·N MACs (``docs/scan.md``, the
 convention of state-spaces/mamba#110 that reproduces PlainMamba's published 3.0/8.1/14.4 G), whatever backend would
 have run it. The native depthwise causal conv1d custom op is mapped to B·L·D·K MACs, like the convolution it
 replaces. The counter divides FLOPs by 2 to report MACs; timm's benchmark (fvcore) reports the same quantity as
@@ -37,7 +37,7 @@ _SCAN_OP = torch.ops.mambazoo.selective_scan_fused  # FlopCounterMode keys formu
 
 
 def scan_macs(batch: int, length: int, dim: int, d_state: int) -> int:
-    """MACs charged for one selective-scan call: 9·B·L·D·N (``scan.md`` §8)."""
+    """MACs charged for one selective-scan call: 9·B·L·D·N (``docs/scan.md``)."""
     return SCAN_MACS_PER_ELEMENT * batch * length * dim * d_state
 
 

@@ -16,6 +16,8 @@ import timm
 from timm.models import is_model, model_entrypoint
 from torch import nn
 
+from .checkpoint import CheckpointError, check_checkpoint_path, check_state_dict
+
 __all__ = [
     "MODEL_INFO",
     "ModelInfo",
@@ -68,10 +70,21 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """Create any timm model by name, after making sure mambazoo's models are registered.
 
     A thin wrapper over :func:`timm.create_model` (same arguments: ``num_classes``, ``img_size``, ``features_only``,
-    ``pretrained_cfg_overlay``, ...); baselines such as ``deit_tiny_patch16_224`` work too.
+    ``pretrained_cfg_overlay``, ...); baselines such as ``deit_tiny_patch16_224`` work too. A local weights file
+    (``pretrained_cfg_overlay=dict(file=...)``) is checked first, and loading errors of models outside mambazoo's
+    families (e.g. timm's MambaOut) are re-raised naming the file.
     """
     check_model_name(name)
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+    if file is None:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    check_checkpoint_path(file)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as error:
+        if "Error(s) in loading state_dict" not in str(error):
+            raise
+        raise CheckpointError(f"checkpoint file '{file}' does not match {name}: {error}") from error
 
 
 def check_model_name(name: str) -> None:
@@ -100,7 +113,7 @@ def create_model_for_size(name: str, img_size: Union[int, tuple[int, int]], **kw
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Published facts about one variant (values and their source from ``specs/``)."""
+    """Published facts about one variant; ``source`` names the page of ``docs/`` that gives them."""
 
     name: str
     family: str
@@ -118,7 +131,7 @@ _MAMBAOUT = ("MambaOut (arXiv 2405.07992)", "HF timm/mambaout_* (official .pth o
 _VIM = ("Vision Mamba (arXiv 2401.09417)", "HF hustvl/Vim-*-midclstok", "Apache-2.0")
 _PLAINMAMBA = ("PlainMamba (arXiv 2403.17695)", "HF ChenhongyiYang/PlainMamba", "no licence file (UNVERIFIED)")
 _MAMBAVISION = ("MambaVision (arXiv 2407.08083)", "HF nvidia/MambaVision-*", "CC-BY-NC-SA-4.0 (non-commercial)")
-_MV_DOC = "docs/mambavision.md (published results)"
+_MV_DOC = "docs/mambavision.md"
 _SPATIAL = ("Spatial-Mamba (arXiv 2410.15091)", "Google Drive (manual download)", "Apache-2.0")
 
 
@@ -129,22 +142,22 @@ def _info(name: str, family: str, facts: tuple[str, str, str], top1: float, para
 
 
 # Exact parameter counts include the 1000-class head. Reported GMACs are the papers' "FLOPs"/"MACs" at ``img_size``
-# (224 px unless stated); Vim's paper reports none, its figures follow scan.md §8's convention (specs/vim.md §7).
+# (224 px unless stated); Vim's paper reports none, its figures follow the convention of docs/scan.md (docs/vim.md).
 # MambaVision's count neither the scan nor the attention matmuls (docs/mambavision.md).
 MODEL_INFO: dict[str, ModelInfo] = {info.name: info for info in (
-    _info("mambaout_femto", "mambaout", _MAMBAOUT, 78.9, 7_304_536, 1.2, "specs/mambaout.md §1"),
-    _info("mambaout_kobe", "mambaout", _MAMBAOUT, 80.0, 9_141_208, 1.5, "specs/mambaout.md §1"),
-    _info("mambaout_tiny", "mambaout", _MAMBAOUT, 82.7, 26_545_096, 4.5, "specs/mambaout.md §1"),
-    _info("mambaout_small", "mambaout", _MAMBAOUT, 84.1, 48_488_072, 9.0, "specs/mambaout.md §1"),
-    _info("mambaout_base", "mambaout", _MAMBAOUT, 84.2, 84_813_092, 15.8, "specs/mambaout.md §1"),
-    _info("vim_tiny_patch16_224", "vim", _VIM, 76.1, 7_148_008, 1.82, "specs/vim.md §1, §7"),
-    _info("vim_small_patch16_224", "vim", _VIM, 80.5, 25_796_584, 5.90, "specs/vim.md §1, §7"),
-    _info("vim_base_patch16_224", "vim", _VIM, 81.9, 97_598_440, 20.86, "specs/vim.md §1, §7"),
-    _info("vim_tiny_patch16_stride8_224", "vim", _VIM, 78.3, 7_250_344, 6.73, "specs/vim.md §1, §7"),
-    _info("vim_small_patch16_stride8_224", "vim", _VIM, 81.6, 26_001_256, 21.85, "specs/vim.md §1, §7"),
-    _info("plainmamba_l1", "plainmamba", _PLAINMAMBA, 77.9, 7_551_656, 3.0, "specs/plainmamba.md §1, §7"),
-    _info("plainmamba_l2", "plainmamba", _PLAINMAMBA, 81.6, 26_145_832, 8.1, "specs/plainmamba.md §1, §7"),
-    _info("plainmamba_l3", "plainmamba", _PLAINMAMBA, 82.3, 50_956_456, 14.4, "specs/plainmamba.md §1, §7"),
+    _info("mambaout_femto", "mambaout", _MAMBAOUT, 78.9, 7_304_536, 1.2, "docs/mambaout.md"),
+    _info("mambaout_kobe", "mambaout", _MAMBAOUT, 80.0, 9_141_208, 1.5, "docs/mambaout.md"),
+    _info("mambaout_tiny", "mambaout", _MAMBAOUT, 82.7, 26_545_096, 4.5, "docs/mambaout.md"),
+    _info("mambaout_small", "mambaout", _MAMBAOUT, 84.1, 48_488_072, 9.0, "docs/mambaout.md"),
+    _info("mambaout_base", "mambaout", _MAMBAOUT, 84.2, 84_813_092, 15.8, "docs/mambaout.md"),
+    _info("vim_tiny_patch16_224", "vim", _VIM, 76.1, 7_148_008, 1.82, "docs/vim.md"),
+    _info("vim_small_patch16_224", "vim", _VIM, 80.5, 25_796_584, 5.90, "docs/vim.md"),
+    _info("vim_base_patch16_224", "vim", _VIM, 81.9, 97_598_440, 20.86, "docs/vim.md"),
+    _info("vim_tiny_patch16_stride8_224", "vim", _VIM, 78.3, 7_250_344, 6.73, "docs/vim.md"),
+    _info("vim_small_patch16_stride8_224", "vim", _VIM, 81.6, 26_001_256, 21.85, "docs/vim.md"),
+    _info("plainmamba_l1", "plainmamba", _PLAINMAMBA, 77.9, 7_551_656, 3.0, "docs/plainmamba.md"),
+    _info("plainmamba_l2", "plainmamba", _PLAINMAMBA, 81.6, 26_145_832, 8.1, "docs/plainmamba.md"),
+    _info("plainmamba_l3", "plainmamba", _PLAINMAMBA, 82.3, 50_956_456, 14.4, "docs/plainmamba.md"),
     _info("mambavision_t", "mambavision", _MAMBAVISION, 82.3, 31_794_248, 4.4, _MV_DOC),
     _info("mambavision_t2", "mambavision", _MAMBAVISION, 82.7, 35_104_008, 5.1, _MV_DOC),
     _info("mambavision_s", "mambavision", _MAMBAVISION, 83.3, 50_140_584, 7.5, _MV_DOC),
@@ -156,9 +169,9 @@ MODEL_INFO: dict[str, ModelInfo] = {info.name: info for info in (
     _info("mambavision_l2_512_21k", "mambavision", _MAMBAVISION, 87.3, 241_554_824, 196.3, _MV_DOC, 512),
     _info("mambavision_l3_256_21k", "mambavision", _MAMBAVISION, 87.3, 739_570_472, 122.3, _MV_DOC, 256),
     _info("mambavision_l3_512_21k", "mambavision", _MAMBAVISION, 88.1, 739_570_472, 489.1, _MV_DOC, 512),
-    _info("spatialmamba_t", "spatialmamba", _SPATIAL, 83.5, 26_748_862, 4.5, "specs/spatialmamba.md §1"),
-    _info("spatialmamba_s", "spatialmamba", _SPATIAL, 84.6, 43_074_280, 7.1, "specs/spatialmamba.md §1"),
-    _info("spatialmamba_b", "spatialmamba", _SPATIAL, 85.3, 95_745_592, 15.8, "specs/spatialmamba.md §1"),
+    _info("spatialmamba_t", "spatialmamba", _SPATIAL, 83.5, 26_748_862, 4.5, "docs/spatialmamba.md"),
+    _info("spatialmamba_s", "spatialmamba", _SPATIAL, 84.6, 43_074_280, 7.1, "docs/spatialmamba.md"),
+    _info("spatialmamba_b", "spatialmamba", _SPATIAL, 85.3, 95_745_592, 15.8, "docs/spatialmamba.md"),
 )}
 
 
@@ -189,7 +202,13 @@ def load_official_mambaout_state_dict(model: nn.Module, state_dict: dict, strict
 
     Returns:
         The ``load_state_dict`` result (missing and unexpected keys; empty when strict loading succeeds).
+
+    Raises:
+        CheckpointMismatchError: With ``strict``, a listing of every missing, unexpected and mis-shaped key.
     """
     from timm.models.mambaout import checkpoint_filter_fn
 
-    return model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=strict)
+    converted = checkpoint_filter_fn(state_dict, model)
+    if strict:
+        check_state_dict(converted, model)
+    return model.load_state_dict(converted, strict=strict)

@@ -20,42 +20,12 @@ from .data import load_image
 from .detection import build_mask_rcnn
 from .segmentation import UperNet
 
-__all__ = ["add_predict_arguments", "run_predict"]
+__all__ = ["run_predict"]
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
            (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
            (0, 0, 128), (128, 128, 128)]
-
-
-def _head_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--head takes key=value, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``predict`` options to a (sub)parser."""
-    parser.add_argument("--model", "-m", required=True, help="registered backbone name, e.g. vim_tiny_patch16_224")
-    parser.add_argument("--task", choices=("detection", "segmentation"), required=True)
-    parser.add_argument("--image", type=Path, required=True, help="input image (any format PIL reads)")
-    parser.add_argument("--output", "-o", type=Path, required=True, help="PNG to write")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="dense-model weights (random if omitted)")
-    parser.add_argument("--classes", type=Path, default=None, help="a dataset's classes.json (names and count)")
-    parser.add_argument("--num-classes", type=int, default=None, help="class count when no --classes is given")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="detection: lowest score drawn")
-    parser.add_argument("--min-size", type=int, default=800, help="detection: shorter side after resizing")
-    parser.add_argument("--max-size", type=int, default=1333, help="detection: longer side limit")
-    parser.add_argument("--slide", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
-                        help="segmentation: sliding-window inference with square crops")
-    parser.add_argument("--head", type=_head_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="head option of build_mask_rcnn / UperNet (JSON value), e.g. fpn_channels=128; "
-                             "must match the checkpoint")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
 
 
 def _class_names(args: argparse.Namespace) -> list[str]:

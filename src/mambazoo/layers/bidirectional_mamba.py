@@ -13,13 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import causal_conv1d, selective_scan
+from ..ops import capabilities, causal_conv1d, selective_scan
+from .tracing import at_least_fp32
 
 __all__ = ["BidirectionalMamba"]
-
-
-def _at_least_fp32(tensor: Tensor) -> Tensor:
-    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 class BidirectionalMamba(nn.Module):
@@ -86,6 +83,8 @@ class BidirectionalMamba(nn.Module):
         self.D_b = nn.Parameter(torch.empty(inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(inner, dim, bias=bias, **dd)
         self.reset_parameters()
+        for op in ("selective_scan", "causal_conv1d"):
+            capabilities.preload(op)  # now, not on the first call (which may be inside torch.compile)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -128,8 +127,8 @@ class BidirectionalMamba(nn.Module):
         dt_raw, B, C = x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt_raw, dt_proj.weight)  # the bias is added (once) inside the scan, before the softplus
         return selective_scan(
-            xc, delta, -torch.exp(_at_least_fp32(A_log)), B, C, _at_least_fp32(skip),
-            delta_bias=_at_least_fp32(dt_proj.bias), delta_softplus=True, reverse=reverse, backend=self.scan_backend,
+            xc, delta, -torch.exp(at_least_fp32(A_log)), B, C, at_least_fp32(skip),
+            delta_bias=at_least_fp32(dt_proj.bias), delta_softplus=True, reverse=reverse, backend=self.scan_backend,
         )
 
     def forward(self, u: Tensor) -> Tensor:

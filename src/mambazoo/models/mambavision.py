@@ -23,9 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 
-from ..ops import selective_scan
+from ..checkpoint import build_model_with_checkpoint, check_state_dict
+from ..checkpoint import load_checkpoint_file as _load_checkpoint_file
+from ..layers.tracing import at_least_fp32, check_image_batch
+from ..ops import capabilities, selective_scan
 
 __all__ = [
     "MambaVision",
@@ -48,17 +51,13 @@ CHECKPOINT_SAFE_GLOBALS = (argparse.Namespace,)
 CHECKPOINT_PREFIXES = ("module.", "encoder.", "model.")
 
 
-def _at_least_fp32(tensor: Tensor) -> Tensor:
-    return tensor if tensor.dtype == torch.float64 else tensor.float()
-
-
 # FX leaves (torch.fx wraps public names only): these functions check shapes, pick kernels by dtype or pad by amounts
 # computed from shapes, which symbolic tracing cannot follow.
 @register_notrace_function
 def mixer_selective_scan(x: Tensor, delta: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor,
                          backend: str) -> Tensor:
     """The scan with A = -exp(A_log); A, D and the step bias in float32 (float64 for float64 models)."""
-    A, D, delta_bias = -torch.exp(_at_least_fp32(A_log)), _at_least_fp32(D), _at_least_fp32(delta_bias)
+    A, D, delta_bias = -torch.exp(at_least_fp32(A_log)), at_least_fp32(D), at_least_fp32(delta_bias)
     return selective_scan(x, delta, A, B, C, D=D, delta_bias=delta_bias, delta_softplus=True, backend=backend)
 
 
@@ -137,6 +136,7 @@ class MambaVisionMixer(nn.Module):
         self.conv1d_x = nn.Conv1d(half, half, d_conv, padding=d_conv // 2, groups=half, bias=False, **dd)
         self.conv1d_z = nn.Conv1d(half, half, d_conv, padding=d_conv // 2, groups=half, bias=False, **dd)
         self.reset_ssm_parameters()
+        capabilities.preload("selective_scan")  # now, not on the first call (which may be inside torch.compile)
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -275,7 +275,7 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv_down(self.proj(x))
+        return self.conv_down(self.proj(check_image_batch(x, self.conv_down[0].in_channels)))
 
 
 def attention_pattern(depth: int) -> str:
@@ -592,30 +592,15 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``: a safetensors file or a ``torch.save`` file (the official
     ``*.pth.tar`` training checkpoints included: only ``argparse.Namespace`` is allowed beyond plain containers).
 
-    Raises:
-        FileNotFoundError: No such file.
-        ValueError: The file is empty or cannot be read as a checkpoint (the message names the file and the cause).
+    See :func:`mambazoo.checkpoint.load_checkpoint_file`; errors name the file and the problem.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"checkpoint file {path!r} is empty (0 bytes)")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling, zip and safetensors errors have many types; all mean "unreadable"
-        raise ValueError(f"cannot read checkpoint file {path!r}: {type(error).__name__}: {error}") from error
+    return _load_checkpoint_file(path, CHECKPOINT_SAFE_GLOBALS)
 
 
-def _unwrap(checkpoint: dict[str, Any], checkpoint_key: Optional[str], source: str) -> dict[str, Any]:
+def _unwrap(checkpoint: dict[str, Any], checkpoint_key: Optional[str]) -> dict[str, Any]:
     if checkpoint_key is not None:
         if not isinstance(checkpoint.get(checkpoint_key), dict):
-            raise ValueError(f"{source}: no state dict under checkpoint_key {checkpoint_key!r} "
+            raise ValueError(f"no state dict under checkpoint_key {checkpoint_key!r} "
                              f"(top-level entries: {sorted(checkpoint)[:10]})")
         return checkpoint[checkpoint_key]
     for key in ("state_dict", "model"):
@@ -630,24 +615,10 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _key_diff(state_dict: dict[str, Any], model: nn.Module, ignore_prefix: str = "head.") -> list[str]:
-    """Lines describing missing, unexpected and mis-shaped keys (the classifier is left to timm to adapt)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(ignore_prefix)}
-    given = {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items() if not k.startswith(ignore_prefix)}
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    misshaped = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
-    lines = [f"  missing ({len(missing)}): {', '.join(missing)}"] if missing else []
-    lines += [f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}"] if unexpected else []
-    lines += [f"  mis-shaped: {k}: checkpoint {given[k]} vs model {expected[k]}" for k in misshaped]
-    return lines
-
-
 def checkpoint_filter_fn(
         state_dict: dict[str, Any],
         model: MambaVision,
         checkpoint_key: Optional[str] = None,
-        source: str = "checkpoint",
 ) -> dict[str, Tensor]:
     """Adapt an official MambaVision checkpoint (or a plain state dict) to ``model`` and check it strictly.
 
@@ -660,24 +631,26 @@ def checkpoint_filter_fn(
         model: The target model.
         checkpoint_key: Take the weights from this entry (e.g. ``"state_dict_ema"``) instead of ``state_dict`` or
             ``model``.
-        source: Where the checkpoint came from (a file name), for error messages.
 
     Returns:
         A state dict with the model's keys and shapes (the classifier is left for timm to adapt).
 
     Raises:
-        ValueError: ``checkpoint_key`` is absent, or the keys or shapes do not match the model.
+        ValueError: ``checkpoint_key`` is absent.
+        CheckpointMismatchError: The keys or shapes do not match the model (the ``gamma_*`` layer-scale keys exist
+            only for the variants with layer scale: B, L, L2, L3).
     """
-    weights = _unwrap(state_dict, checkpoint_key, source)
+    weights = _unwrap(state_dict, checkpoint_key)
     weights = {_strip_prefixes(key): value for key, value in weights.items()}
-    problems = _key_diff(weights, model)
-    if problems:
-        layer_scale = "gamma_1" in "".join(problems)
-        hint = ["  (gamma_* keys: the model's layer_scale option must match the checkpoint)"] if layer_scale else []
-        raise ValueError("\n".join([f"{source} does not match {type(model).__name__} "
-                                    f"({getattr(model, 'pretrained_cfg', {}).get('architecture', 'this variant')}):"]
-                                   + problems + hint))
+    check_state_dict(weights, model, hint=_layer_scale_hint)
     return weights
+
+
+def _layer_scale_hint(missing: list[str], unexpected: list[str]) -> Optional[str]:
+    if any(".gamma_" in key for key in missing + unexpected):
+        return ("gamma_* are the layer-scale weights of B, L, L2 and L3: the model's layer_scale option must match "
+                "the checkpoint")
+    return None
 
 
 def _cfg(url: str = "", **kwargs) -> dict[str, Any]:
@@ -727,30 +700,19 @@ def _create_mambavision(variant: str, pretrained: bool = False, checkpoint_key: 
                         **kwargs) -> MambaVision:
     """Build a MambaVision model; pretrained weights come from the hub or ``pretrained_cfg_overlay=dict(file=...)``.
 
-    A local file is read here with ``weights_only=True`` (see :func:`load_checkpoint_file`) so that errors name it and
-    the weights under ``state_dict`` are used (timm's own file loader would prefer an EMA copy when there is one);
+    Local files are read with ``weights_only=True`` (see :func:`load_checkpoint_file`) so that errors name them and the
+    weights under ``state_dict`` are used (timm's own file loader would prefer an EMA copy when there is one);
     ``checkpoint_key`` picks another entry.
     """
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    source = f"Hugging Face hub weights of {variant}"
-    preloaded = None
-    if pretrained and overlay.get("file") and overlay.get("state_dict") is None:
-        source = f"checkpoint file {os.fspath(overlay['file'])!r}"
-        preloaded = overlay["state_dict"] = load_checkpoint_file(overlay["file"])
-    filter_fn = partial(checkpoint_filter_fn, checkpoint_key=checkpoint_key, source=source)
-    with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
-        model = build_model_with_cfg(
-            MambaVision,
-            variant,
-            pretrained,
-            pretrained_cfg_overlay=overlay or None,
-            pretrained_filter_fn=filter_fn,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-            **kwargs,
-        )
-    if preloaded is not None:
-        preloaded.clear()  # the pretrained cfg keeps a reference to this dict: release the tensors
-    return model
+    return build_model_with_checkpoint(
+        MambaVision,
+        variant,
+        pretrained,
+        filter_fn=partial(checkpoint_filter_fn, checkpoint_key=checkpoint_key),
+        safe_globals=CHECKPOINT_SAFE_GLOBALS,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
 
 
 def _mambavision(variant: str, pretrained: bool, model_args: dict[str, Any], kwargs: dict[str, Any]) -> MambaVision:

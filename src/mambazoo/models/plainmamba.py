@@ -3,9 +3,9 @@
 Paper: "PlainMamba: Improving Non-Hierarchical Mamba in Visual Recognition", C. Yang et al., BMVC 2024
 (arXiv 2403.17695). Official weights: Hugging Face ``ChenhongyiYang/PlainMamba`` (``l1.pth``, ``l2.pth``, ``l3.pth``).
 
-Written clean-room from a behavioural specification (the official code carries no licence). The default
-configuration reproduces the released checkpoints, including two quirks of the official code that the weights
-depend on; see :class:`PlainMamba2D`.
+Written clean-room from the paper and the observed behaviour (the official code carries no licence; see
+``docs/plainmamba.md``). The default configuration reproduces the released checkpoints, including two quirks of the
+official code that the weights depend on; see :class:`PlainMamba2D`.
 """
 import math
 import re
@@ -15,12 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.layers import DropPath, calculate_drop_path_rates, register_notrace_function, to_2tuple, trunc_normal_
+from timm.models import checkpoint, generate_default_cfgs, register_model
 
-from ..ops import selective_scan
+from ..checkpoint import build_model_with_checkpoint, check_state_dict
+from ..layers.tracing import check_image_batch
+from ..ops import capabilities, selective_scan
 
-__all__ = ["PlainMamba", "PlainMamba2D", "PlainMambaLayer", "ConvPatchEmbed", "ScanPaths", "scan_paths", "zigzag_scan_orders"]
+__all__ = [
+    "PlainMamba", "PlainMamba2D", "PlainMambaLayer", "ConvPatchEmbed", "ScanPaths", "pad_to_multiple", "scan_paths",
+    "zigzag_scan_orders",
+]
 
 NUM_PATHS = 4
 PATCH_STRIDE = 16
@@ -83,6 +88,7 @@ class ScanPaths(NamedTuple):
     directions: Tensor
 
 
+@register_notrace_function  # builds tables for the concrete grid (see mambazoo.layers.tracing)
 def scan_paths(hw_shape: tuple[int, int], device: Optional[torch.device] = None) -> ScanPaths:
     """The :class:`ScanPaths` of a token grid, on ``device``."""
     height, width = hw_shape
@@ -152,6 +158,7 @@ class PlainMamba2D(nn.Module):
         self.direction_Bs = nn.Parameter(torch.empty(5, d_state, **dd))
         self.out_proj = nn.Linear(inner, dim, bias=True, **dd)
         self.reset_ssm_parameters()
+        capabilities.preload("selective_scan")  # now, not on the first call (which may be inside torch.compile)
 
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
@@ -282,12 +289,15 @@ class ConvPatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Returns (B, H·W, D) raster-ordered tokens and the token grid (H, W)."""
-        x = self.convs(self.stem(x))
-        pad_h, pad_w = -x.shape[-2] % _PROJECTION_STRIDE, -x.shape[-1] % _PROJECTION_STRIDE
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        x = self.projection(x)
+        x = self.projection(pad_to_multiple(self.convs(self.stem(x)), _PROJECTION_STRIDE))
         return x.flatten(2).transpose(1, 2), (x.shape[-2], x.shape[-1])
+
+
+@register_notrace_function  # pads by concrete amounts (see mambazoo.layers.tracing)
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Zero-pad a (B, C, H, W) map at the bottom and right so that H and W are multiples of ``multiple``."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
 
 
 def token_grid(img_size: tuple[int, int]) -> tuple[int, int]:
@@ -295,6 +305,7 @@ def token_grid(img_size: tuple[int, int]) -> tuple[int, int]:
     return tuple(math.ceil(math.ceil(side / 2) / _PROJECTION_STRIDE) for side in img_size)
 
 
+@register_notrace_function  # compares concrete grids (see mambazoo.layers.tracing)
 def resample_pos_embed(pos_embed: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
     """Bicubically resize (1, H·W, D) position embeddings from ``src_grid`` to ``dst_grid`` (align_corners=False)."""
     if tuple(src_grid) == tuple(dst_grid):
@@ -438,7 +449,7 @@ class PlainMamba(nn.Module):
             else nn.Identity()
 
     def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        x, hw_shape = self.patch_embed(x)
+        x, hw_shape = self.patch_embed(check_image_batch(x, self.patch_embed.stem[0].in_channels))
         return x + resample_pos_embed(self.pos_embed, self.patch_grid, hw_shape), hw_shape
 
     def _run_layer(self, layer: PlainMambaLayer, x: Tensor, paths: ScanPaths) -> Tensor:
@@ -543,22 +554,34 @@ def _check_global_pool(global_pool: str) -> None:
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: PlainMamba) -> dict[str, Tensor]:
-    """Convert an official (mmcls) PlainMamba state dict; a no-op for state dicts already in this format.
+    """Convert an official (mmcls) PlainMamba state dict and check it strictly against ``model``.
 
     Accepts a bare state dict or one wrapped under ``state_dict``; strips ``backbone.``, maps ``head.fc.*`` to
-    ``head.*`` and resizes ``pos_embed`` bicubically when the model stores another token grid.
+    ``head.*`` and resizes ``pos_embed`` bicubically when the model stores another token grid (a no-op for state
+    dicts already in this format).
+
+    Raises:
+        CheckpointMismatchError: The keys or shapes do not match the model (a listing of every difference).
     """
     state_dict = state_dict.get("state_dict", state_dict)
     converted = {}
     for key, value in state_dict.items():
         key = re.sub(r"^head\.fc\.", "head.", key.removeprefix("backbone."))
         if key == "pos_embed" and value.shape != model.pos_embed.shape:
-            side = math.isqrt(value.shape[1])
-            if side * side != value.shape[1]:
-                raise ValueError(f"pos_embed of {value.shape[1]} tokens is not a square grid; cannot resize it")
-            value = resample_pos_embed(value, (side, side), model.patch_grid)
+            side = _square_grid_side(value, model.embed_dim)
+            if side is not None:  # otherwise the key check lists it as mis-shaped
+                value = resample_pos_embed(value, (side, side), model.patch_grid)
         converted[key] = value
+    check_state_dict(converted, model)
     return converted
+
+
+def _square_grid_side(pos_embed: Tensor, width: int) -> Optional[int]:
+    """Side of the square token grid of a (1, side², width) position embedding, None if it is not one."""
+    if pos_embed.dim() != 3 or pos_embed.shape[-1] != width:
+        return None
+    side = math.isqrt(pos_embed.shape[1])
+    return side if side * side == pos_embed.shape[1] else None
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
@@ -592,11 +615,11 @@ default_cfgs = generate_default_cfgs({
 
 def _create_plainmamba(variant: str, pretrained: bool = False, **kwargs) -> PlainMamba:
     out_indices = kwargs.pop("out_indices", _quarter_points(kwargs.get("depth", 24)))
-    return build_model_with_cfg(
+    return build_model_with_checkpoint(
         PlainMamba,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -3,7 +3,7 @@
 Paper: "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model",
 https://arxiv.org/abs/2401.09417 (ICML 2024). Official code and weights: https://github.com/hustvl/Vim (Apache-2.0).
 
-Written from the specification in the project (``vim.md``): the released mid-cls-token "bimamba v2" models with their
+Described in ``docs/vim.md``: the released mid-cls-token "bimamba v2" models with their
 exact state-dict layout, so the official checkpoints load unchanged. Differences from the official code: any input
 size (``img_size`` at creation, ``dynamic_img_size`` at forward time) with a position-embedding resize that respects
 the middle cls token, a reverse-direction scan instead of flipped copies, and the timm model contract.
@@ -18,11 +18,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import (
+    DropPath, lecun_normal_, register_notrace_function, resample_abs_pos_embed, to_2tuple, trunc_normal_,
+)
+from timm.models import generate_default_cfgs, register_model
 
+from ..checkpoint import build_model_with_checkpoint, check_state_dict
+from ..checkpoint import load_checkpoint_file as _load_checkpoint_file
 from ..layers.bidirectional_mamba import BidirectionalMamba
 from ..layers.rms_norm import RMSNorm
+from ..layers.tracing import at_least_fp32, check_image_batch
 
 __all__ = ["VisionMamba", "checkpoint_filter_fn", "load_checkpoint_file", "resize_pos_embed"]
 
@@ -133,13 +138,30 @@ class PatchEmbed(nn.Module):
         sizes = zip(img_size, self.patch_size, self.stride)
         return tuple((size - patch) // stride + 1 for size, patch, stride in sizes)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        """Returns the tokens (B, M, D) in raster order and the patch grid."""
-        if not self.dynamic_img_size and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} does not match img_size {self.img_size}; create the "
-                             f"model with img_size={tuple(x.shape[-2:])} or dynamic_img_size=True")
-        x = self.proj(x)
-        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) to the patch-embedding map (B, D, rows, cols)."""
+        check_img_size(x, self.img_size, self.dynamic_img_size)
+        return self.proj(x)
+
+
+@register_notrace_function  # compares concrete sizes (see mambazoo.layers.tracing)
+def check_img_size(x: Tensor, img_size: Tuple[int, int], dynamic_img_size: bool) -> None:
+    if not dynamic_img_size and tuple(x.shape[-2:]) != tuple(img_size):
+        raise ValueError(f"input size {tuple(x.shape[-2:])} does not match img_size {tuple(img_size)}; create the "
+                         f"model with img_size={tuple(x.shape[-2:])} or dynamic_img_size=True")
+
+
+@register_notrace_function  # resizes for the concrete patch grid (see mambazoo.layers.tracing)
+def tokens_with_cls_and_pos(patch_map: Tensor, cls_token: Tensor, pos_embed: Tensor,
+                             pos_grid: Tuple[int, int]) -> Tensor:
+    """(B, D, rows, cols) patch map to (B, M + 1, D) tokens with the middle cls token and position embeddings.
+
+    ``pos_embed`` is for ``pos_grid``; it is resized (:func:`resize_pos_embed`) when the map has another grid.
+    """
+    grid = tuple(patch_map.shape[-2:])
+    if grid != tuple(pos_grid):
+        pos_embed = resize_pos_embed(pos_embed, pos_grid, grid)
+    return _insert_cls_token(patch_map.flatten(2).transpose(1, 2), cls_token) + pos_embed
 
 
 class VimBlock(nn.Module):
@@ -166,9 +188,7 @@ class VimBlock(nn.Module):
     def add_residual(self, hidden: Tensor, residual: Optional[Tensor]) -> Tensor:
         """The residual stream entering this block: the previous mixer output added (with stochastic depth)."""
         residual = hidden if residual is None else residual + self.drop_path(hidden)
-        if self.residual_in_fp32 and residual.dtype != torch.float64:
-            residual = residual.float()
-        return residual
+        return at_least_fp32(residual) if self.residual_in_fp32 else residual
 
     def forward(self, residual: Tensor) -> Tensor:
         """The mixer output for the residual stream from :meth:`add_residual`."""
@@ -311,11 +331,9 @@ class VisionMamba(nn.Module):
             self.pos_embed = nn.Parameter(resized)
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
-        tokens, grid = self.patch_embed(x)
-        pos_embed = self.pos_embed
-        if grid != self.patch_embed.grid_size:
-            pos_embed = resize_pos_embed(pos_embed, self.patch_embed.grid_size, grid)
-        return self.pos_drop(_insert_cls_token(tokens, self.cls_token) + pos_embed), grid
+        patch_map = self.patch_embed(check_image_batch(x, self.patch_embed.proj.in_channels))
+        tokens = tokens_with_cls_and_pos(patch_map, self.cls_token, self.pos_embed, self.patch_embed.grid_size)
+        return self.pos_drop(tokens), patch_map.shape[-2:]
 
     def _run_block(self, block: VimBlock, residual: Tensor) -> Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -415,21 +433,6 @@ class VisionMamba(nn.Module):
         return take_indices
 
 
-def _check_state_dict(state_dict: Dict[str, Tensor], model: nn.Module, ignore_prefix: str = "head.") -> None:
-    """Raise a ValueError listing missing, unexpected and mis-shaped keys (the head is left to the caller)."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(ignore_prefix)}
-    given = {k: v.shape for k, v in state_dict.items() if not k.startswith(ignore_prefix)}
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    misshaped = sorted(k for k in expected.keys() & given.keys() if tuple(expected[k]) != tuple(given[k]))
-    if missing or unexpected or misshaped:
-        lines = [f"checkpoint does not match {type(model).__name__}:"]
-        lines += [f"  missing ({len(missing)}): {', '.join(missing)}"] if missing else []
-        lines += [f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}"] if unexpected else []
-        lines += [f"  mis-shaped: {k}: checkpoint {tuple(given[k])} vs model {tuple(expected[k])}" for k in misshaped]
-        raise ValueError("\n".join(lines))
-
-
 def checkpoint_filter_fn(
         state_dict: Dict[str, Any],
         model: VisionMamba,
@@ -448,7 +451,8 @@ def checkpoint_filter_fn(
         A state dict with the model's keys and shapes (the head is left for timm to adapt).
 
     Raises:
-        ValueError: The checkpoint lacks ``checkpoint_key``, or its keys/shapes do not match the model.
+        ValueError: The checkpoint lacks ``checkpoint_key``.
+        CheckpointMismatchError: Its keys or shapes do not match the model (a listing of every difference).
     """
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         if checkpoint_key not in state_dict or not isinstance(state_dict[checkpoint_key], dict):
@@ -457,23 +461,28 @@ def checkpoint_filter_fn(
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
-        side = math.isqrt(pos_embed.shape[1] - 1)
-        if side * side != pos_embed.shape[1] - 1 or pos_embed.shape[-1] != model.pos_embed.shape[-1]:
-            raise ValueError(f"pos_embed {tuple(pos_embed.shape)} is not a square grid plus one cls token of width "
-                             f"{model.pos_embed.shape[-1]}; cannot resize to {tuple(model.pos_embed.shape)}")
-        state_dict["pos_embed"] = resize_pos_embed(
-            pos_embed, (side, side), model.patch_embed.grid_size, pos_embed_resize)
-    _check_state_dict(state_dict, model)
+        side = _square_grid_side(pos_embed, model.pos_embed.shape[-1])
+        if side is not None:  # otherwise the key check below lists it as mis-shaped
+            state_dict["pos_embed"] = resize_pos_embed(
+                pos_embed, (side, side), model.patch_embed.grid_size, pos_embed_resize)
+    check_state_dict(state_dict, model)
     return state_dict
 
 
+def _square_grid_side(pos_embed: Tensor, width: int) -> Optional[int]:
+    """Side of the square patch grid of a (1, side² + 1, width) Vim position embedding, None if it is not one."""
+    if pos_embed.dim() != 3 or pos_embed.shape[-1] != width:
+        return None
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    return side if side * side == pos_embed.shape[1] - 1 else None
+
+
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Load a safetensors file or a ``torch.save`` checkpoint with ``weights_only=True`` (official files included)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a safetensors file or a ``torch.save`` checkpoint with ``weights_only=True`` (official files included).
+
+    See :func:`mambazoo.checkpoint.load_checkpoint_file`; errors name the file and the problem.
+    """
+    return _load_checkpoint_file(path, CHECKPOINT_SAFE_GLOBALS)
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
@@ -504,7 +513,7 @@ default_cfgs = generate_default_cfgs({
         hf_hub_id="hustvl/Vim-small-midclstok", hf_hub_filename="vim_s_midclstok_80p5acc.pth"),
     "vim_small_patch16_stride8_224.in1k": _cfg(
         hf_hub_id="hustvl/Vim-small-midclstok", hf_hub_filename="vim_s_midclstok_ft_81p6acc.pth"),
-    # File name on the hub not verified (vim.md §1).
+    # File name on the hub not verified (docs/vim.md).
     "vim_base_patch16_224.in1k": _cfg(
         hf_hub_id="hustvl/Vim-base-midclstok", hf_hub_filename="vim_b_midclstok_81p9acc.pth"),
     "test_vim.untrained": _cfg(input_size=(3, 64, 64), crop_pct=1.0, license=None),
@@ -525,23 +534,14 @@ def _create_vim(
     """
     if pos_embed_resize not in POS_EMBED_RESIZE_MODES:
         raise ValueError(f"pos_embed_resize must be one of {POS_EMBED_RESIZE_MODES}, got {pos_embed_resize!r}")
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    preloaded = None
-    if pretrained and overlay.get("file") and not overlay.get("state_dict"):
-        # Load local files ourselves: timm's file loader would silently prefer the EMA weights.
-        preloaded = overlay["state_dict"] = load_checkpoint_file(overlay["file"])
     filter_fn = partial(checkpoint_filter_fn, checkpoint_key=checkpoint_key, pos_embed_resize=pos_embed_resize)
-    with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
-        model = build_model_with_cfg(
-            VisionMamba, variant, pretrained,
-            pretrained_cfg_overlay=overlay or None,
-            pretrained_filter_fn=filter_fn,
-            feature_cfg=dict(out_indices=3, feature_cls="getter"),
-            **kwargs,
-        )
-    if preloaded is not None:
-        preloaded.clear()  # the pretrained cfg keeps a reference to this dict: release the tensors
-    return model
+    return build_model_with_checkpoint(
+        VisionMamba, variant, pretrained,
+        filter_fn=filter_fn,
+        safe_globals=CHECKPOINT_SAFE_GLOBALS,
+        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        **kwargs,
+    )
 
 
 def _vim(variant: str, pretrained: bool, model_args: Dict[str, Any], kwargs: Dict[str, Any]) -> VisionMamba:

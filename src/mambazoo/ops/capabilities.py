@@ -5,9 +5,11 @@ installation and supports the call (device, dtype and size limits such as ``d_st
 explicitly requested backend that cannot run the call raises a ValueError naming the reason. Adding a backend means
 adding a row here (and the kernel module the row names); nothing else decides dispatch.
 
-Compiled backends live in their own modules, imported on first use. Such a module exposes ``AVAILABLE`` and
-``UNAVAILABLE_REASON`` (e.g. no C compiler at install time, no CUDA device) and the attributes a row refers to by
-name (limits known only once the library is loaded, such as the native kernel's largest ``d_state``).
+Compiled backends live in their own modules, imported only when a call first considers them (so ``import
+mambazoo.ops`` loads neither the native library nor Triton, and a CPU call never imports Triton). Such a module
+exposes ``AVAILABLE`` and ``UNAVAILABLE_REASON`` (e.g. no C compiler at install time, no CUDA device) and the
+attributes a row refers to by name (limits known only once the library is loaded, such as the native kernel's largest
+``d_state``). :func:`kernel_module` returns a loaded row's module to the op that runs it.
 """
 import importlib
 import os
@@ -16,7 +18,8 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["Backend", "CAPABILITIES", "backend_names", "backend_status", "resolve_backend", "unsupported_reason"]
+__all__ = ["Backend", "CAPABILITIES", "backend_names", "backend_status", "kernel_module", "preload", "resolve_backend",
+           "unsupported_reason"]
 
 ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SINGLE_AND_HALF = (torch.float16, torch.bfloat16, torch.float32)
@@ -73,6 +76,7 @@ CAPABILITIES: dict[str, tuple[Backend, ...]] = {
 # Filled once per (op, backend) on first use; plain dict lookups afterwards, so torch.compile traces dispatch.
 _status: dict[tuple[str, str], str] = {}
 _limits: dict[tuple[str, str], dict[str, int]] = {}
+_modules: dict[tuple[str, str], object] = {}
 
 
 def backend_names(op: str) -> tuple[str, ...]:
@@ -93,34 +97,61 @@ def _row(op: str, name: str) -> Backend:
     raise ValueError(f"{op} backend must be 'auto' or one of {backend_names(op)}, got {name!r}")
 
 
-def _load(row: Backend) -> tuple[str, dict[str, int]]:
-    """Import the row's kernel module: its status and its resolved limits."""
+def _load(row: Backend) -> tuple[str, dict[str, int], object]:
+    """Import the row's kernel module: its status, its resolved limits and the module (None if not loaded)."""
     if row.disable_env and os.environ.get(row.disable_env, "0") not in ("", "0"):
-        return f"disabled by {row.disable_env}", {}
+        return f"disabled by {row.disable_env}", {}, None
     module = None
     if row.module is not None:
         try:
             module = importlib.import_module(row.module)
         except ImportError as error:
-            return f"not importable: {error}", {}
+            return f"not importable: {error}", {}, None
         if not module.AVAILABLE:
-            return module.UNAVAILABLE_REASON, {}
+            return module.UNAVAILABLE_REASON, {}, None
     limits = {feature: getattr(module, value) if isinstance(value, str) else value for feature, value in row.limits}
-    return "available", limits
+    return "available", limits, module
+
+
+def _status_of(op: str, row: Backend) -> str:
+    """The row's status, loading its kernel module on the first call."""
+    key = (op, row.name)
+    if key not in _status:
+        _status[key], _limits[key], _modules[key] = _load(row)
+    return _status[key]
 
 
 def backend_status(op: str = "selective_scan") -> dict[str, str]:
     """Every backend of ``op`` with ``"available"`` or the reason it is not (loading compiled backends once)."""
+    return {row.name: _status_of(op, row) for row in _rows(op)}
+
+
+def preload(op: str) -> None:
+    """Load the kernel modules that ``auto`` may pick for ``op`` on this machine's device types.
+
+    Layers call this when they are built, so that the first call of the op inside ``torch.compile`` finds its
+    backends loaded (importing a kernel module cannot happen in a traced function). A CUDA backend is loaded only when
+    CUDA is available.
+    """
+    device_types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
     for row in _rows(op):
-        if (op, row.name) not in _status:
-            _status[op, row.name], _limits[op, row.name] = _load(row)
-    return {row.name: _status[op, row.name] for row in _rows(op)}
+        devices = row.auto_devices if row.auto_devices is not None else row.devices
+        if row.auto and (devices is None or any(device in devices for device in device_types)):
+            _status_of(op, row)
+
+
+def kernel_module(op: str, name: str):
+    """The loaded kernel module of backend ``name`` of ``op``; a RuntimeError if that backend is not available."""
+    status = _status_of(op, _row(op, name))
+    if status != "available" or _modules[op, name] is None:
+        raise RuntimeError(f"{op} backend {name!r} is not available: {status}")
+    return _modules[op, name]
 
 
 def unsupported_reason(op: str, name: str, device: torch.device, dtype: torch.dtype, **features: int) -> Optional[str]:
     """Why backend ``name`` of ``op`` cannot run a call with these properties, or None if it can."""
     row = _row(op, name)
-    status = backend_status(op)[name]
+    status = _status_of(op, row)
     if status != "available":
         return status
     if row.devices is not None and device.type not in row.devices:

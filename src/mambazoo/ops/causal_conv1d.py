@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native
-from .capabilities import resolve_backend
+from .capabilities import kernel_module, resolve_backend
 
 __all__ = ["causal_conv1d", "causal_conv1d_torch"]
 
@@ -37,7 +36,7 @@ def causal_conv1d_torch(
 
 @torch.library.custom_op("mambazoo::causal_conv1d_native", mutates_args=())
 def _causal_conv1d_native_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
-    return native.conv_forward(x, weight, bias, silu, reverse)
+    return kernel_module("causal_conv1d", "native").conv_forward(x, weight, bias, silu, reverse)
 
 
 @_causal_conv1d_native_op.register_fake
@@ -48,7 +47,7 @@ def _causal_conv1d_native_fake(x, weight, bias, silu, reverse):
 @torch.library.custom_op("mambazoo::causal_conv1d_native_bwd", mutates_args=())
 def _causal_conv1d_native_bwd_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
                                  reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return native.conv_backward(grad_y, x, weight, bias, silu, reverse)
+    return kernel_module("causal_conv1d", "native").conv_backward(grad_y, x, weight, bias, silu, reverse)
 
 
 @_causal_conv1d_native_bwd_op.register_fake

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import capabilities
+
 __all__ = ["FusedKernel", "register_kernel", "registered_kernels", "selective_scan_fused"]
 
 
@@ -46,6 +48,8 @@ def registered_kernels() -> tuple[str, ...]:
 
 
 def _kernel(name: str) -> FusedKernel:
+    if name not in _KERNELS and name in capabilities.backend_names("selective_scan"):
+        capabilities.kernel_module("selective_scan", name)  # importing a kernel module registers its kernel
     if name not in _KERNELS:
         raise ValueError(f"unknown fused scan kernel {name!r}; registered: {registered_kernels()}")
     return _KERNELS[name]

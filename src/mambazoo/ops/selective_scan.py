@@ -101,8 +101,9 @@ register_kernel("torch", FusedKernel(_torch_kernel_forward, _torch_kernel_backwa
 def route_through_custom_op() -> Iterator[None]:
     """Within this context every scan runs as one ``torch.ops.mambazoo.selective_scan_fused`` call.
 
-    Scans that would use the ``reference`` or ``torch`` backend run the PyTorch implementation inside the custom op;
-    fused backends already do. ``mambazoo.flops`` uses this to count each scan call once, whatever the backend.
+    The op runs the pure-PyTorch implementation, whatever backend was requested (so the context also works on the
+    ``meta`` device, and the requested backend is not checked). ``mambazoo.flops`` uses it to count each scan call
+    once, and :mod:`mambazoo.export` to export every scan as one op with an ONNX translation.
     """
     global _route_through_custom_op
     previous, _route_through_custom_op = _route_through_custom_op, True
@@ -160,9 +161,7 @@ def selective_scan(
         y (batch, length, dim), or (y, last_state) when ``return_last_state``.
     """
     _check_arguments(u, delta, A, B, C, D, z, delta_bias)
-    name = _resolve_backend(backend, u, A.shape[1])
-    if _route_through_custom_op and name in ("reference", "torch"):
-        name = "torch_custom_op"
+    name = "torch_custom_op" if _route_through_custom_op else _resolve_backend(backend, u, A.shape[1])
     if name == "reference":
         y, last_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     elif name == "torch":

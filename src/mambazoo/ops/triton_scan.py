@@ -1,6 +1,6 @@
 """Triton selective-scan kernels (forward and backward) behind the fused custom op, registered as ``"triton"``.
 
-Design (after mamba_ssm's CUDA kernel, ``scan.md`` §7):
+Design (after mamba_ssm's CUDA kernel, see ``docs/scan.md``):
 
 * One program per (batch row, block of ``BLOCK_D`` channels). It walks the sequence in chunks of ``CHUNK_SIZE``
   steps; a chunk's inputs are loaded as whole (steps, channels) tiles straight from the channels-last layout (any

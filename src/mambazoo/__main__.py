@@ -1,0 +1,6 @@
+"""``python -m mambazoo``: the ``mambazoo`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

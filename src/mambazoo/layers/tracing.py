@@ -1,0 +1,47 @@
+"""What FX tracing must not trace into, and the input check every model runs first.
+
+``torch.fx`` symbolic tracing (timm's FX feature extraction, torchvision's ``create_feature_extractor``) replaces
+tensors by proxies without shapes or dtypes, so code that branches on them cannot be traced. As in timm, such
+functions are registered with ``timm.layers.register_notrace_function`` and appear in the traced graph as one call
+each, run with real tensors (the tracer only wraps module-level functions with public names, so these have no
+leading underscore): the scan and conv ops (they check their arguments and pick a backend from the concrete
+device, dtype and sizes) and the helpers the model files register next to their definitions (position-embedding
+resizing, scan-path tables, padding). Trace with timm's tools, which pass that registry to the tracer::
+
+    from timm.layers import create_feature_extractor
+    extractor = create_feature_extractor(model, return_nodes=["layers.3"])
+"""
+import torch
+from timm.layers import register_notrace_function
+from torch import Tensor
+
+from ..ops import causal_conv1d, selective_scan
+
+__all__ = ["at_least_fp32", "check_image_batch"]
+
+register_notrace_function(selective_scan)
+register_notrace_function(causal_conv1d)
+
+
+@register_notrace_function
+def check_image_batch(x: Tensor, in_chans: int) -> Tensor:
+    """Return ``x`` if it is a (B, in_chans, H, W) batch of images, else raise a ValueError saying what it got.
+
+    timm's models take batched input only; an unbatched (C, H, W) image gets an error telling how to add the batch
+    dimension instead of a shape error deep inside the network.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a (B, {in_chans}, H, W) image tensor, got {type(x).__name__}")
+    if x.dim() == 3 and x.shape[0] == in_chans:
+        raise ValueError(f"expected a batch of images shaped (B, {in_chans}, H, W), got one unbatched image of shape "
+                         f"{tuple(x.shape)}; add the batch dimension with x.unsqueeze(0)")
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected a batch of images shaped (B, {in_chans}, H, W), got a tensor of shape "
+                         f"{tuple(x.shape)}")
+    return x
+
+
+@register_notrace_function
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32, or unchanged if it is float64 (state and residual precision of the Mamba blocks)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
