@@ -1,4 +1,4 @@
-"""Command line: ``mambazoo list | flops | bench | demo`` (also ``python -m mambazoo.cli``)."""
+"""Command line: ``mambazoo list | flops | bench | demo | train | validate`` (also ``python -m mambazoo.cli``)."""
 import argparse
 import fnmatch
 import sys
@@ -12,6 +12,9 @@ from .zoo import MODEL_INFO, check_model_name, list_models
 DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambaout_femto", "deit_tiny_patch16_224:math",
                    "deit_tiny_patch16_224")
 DEMO_RESOLUTIONS = (224, 512, 768, 1024, 1248)
+# Subcommands handled by their own modules (flags: ``mambazoo train --help``; docs/training.md).
+DELEGATED = {"train": "train or fine-tune a model, one process or many under torchrun",
+             "validate": "evaluate a classifier: top-1, top-5, loss, img/s"}
 VIM, DEIT_SDPA, DEIT_MATH = "vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:math"
 
 
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     demo.add_argument("--name", default="demo_sweep_cpu")
     demo.add_argument("--no-progress", action="store_true")
+
+    for name, text in DELEGATED.items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -173,6 +179,11 @@ def _command_demo(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``mambazoo`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(f"mambazoo.{argv[0]}").main(argv[1:])
     args = _parser().parse_args(argv)
     commands = dict(list=_command_list, flops=_command_flops, bench=_command_bench, demo=_command_demo)
     try:
