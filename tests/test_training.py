@@ -69,6 +69,38 @@ def test_output_folder_of_another_run_and_resume_conflicts(tmp_path):
     assert len(result.history) == 1
 
 
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """Two accumulated micro-batches of 64 take the same steps as batches of 128 (same samples, same seeds)."""
+    common = DIGITS_ARGS + ["--epochs", "1", "--lr", "3e-3", "--seed", "1"]
+    full = train(common + ["-b", "128", "--output", str(tmp_path / "full")]).model.state_dict()
+    accumulated = train(common + ["-b", "64", "--grad-accum-steps", "2",
+                                  "--output", str(tmp_path / "accumulated")]).model.state_dict()
+    assert max(float((full[k] - accumulated[k]).abs().max()) for k in full) < 1e-5  # measured 7.5e-7
+
+
+def test_amp_checkpointing_clipping_layer_decay_and_channels_last_train(tmp_path, capsys):
+    """PlainMamba (BatchNorm stem) with bf16 autocast, gradient checkpointing, clipping, layer decay, channels-last
+    and the progress bar: it trains (loss falls) and the bar reports images/s and the loss."""
+    result = train(["--model", "test_plainmamba", "--dataset", "digits", "--img-size", "32", "-b", "128",
+                    "--epochs", "2", "--opt", "adamw", "--lr", "3e-3", "--warmup-epochs", "0", "--amp",
+                    "--grad-checkpointing", "--clip-grad", "1.0", "--layer-decay", "0.9", "--channels-last",
+                    "--hflip", "0", "-j", "0", "--log-interval", "1", "--output", str(tmp_path / "run")])
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+    progress = capsys.readouterr().err
+    assert "img/s" in progress and "loss=" in progress
+
+
+def test_validate_an_official_checkpoint(tmp_path):
+    _official_vim_checkpoint(tmp_path / "vim.pth")
+    results = validate(["--model", "test_vim", "--checkpoint", str(tmp_path / "vim.pth"), "--dataset", "digits",
+                        "--num-classes", "1000", "--img-size", "32", "-j", "0", "--results-file",
+                        str(tmp_path / "results.csv"), "--results-format", "csv"])
+    assert results["samples"] == NUM_DIGITS_VAL and 0.0 <= results["top1"] <= results["top5"] <= 100.0
+    assert (tmp_path / "results.csv").read_text().startswith("model,top1,top5,loss,samples")
+    with pytest.raises(ValueError, match="class count mismatch"):
+        validate(["--model", "test_vim", "--checkpoint", str(tmp_path / "vim.pth"), "--dataset", "digits"])
+
+
 def _args(*extra: str) -> argparse.Namespace:
     return parse_train_args(DIGITS_ARGS + list(extra))[0]
 
@@ -243,3 +275,14 @@ def test_cli_delegates_train_and_validate(capsys):
     assert done.value.code == 0 and "--recipe" in capsys.readouterr().out
     assert cli_main(["validate", "--model", "no_such_model", "--dataset", "digits"]) == 2
     assert "unknown model name" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchcompile_trains_like_eager(tmp_path):
+    """`--torchcompile` (inductor on CPU) follows the eager run to within fused-kernel rounding over 11 steps."""
+    common = DIGITS_ARGS + ["-b", "128", "--epochs", "1", "--lr", "3e-3", "--seed", "2"]
+    eager = train(common + ["--output", str(tmp_path / "eager")])
+    compiled = train(common + ["--torchcompile", "--output", str(tmp_path / "compiled")])
+    eager_state, compiled_state = eager.model.state_dict(), compiled.model.state_dict()
+    assert max(float((eager_state[k] - compiled_state[k]).abs().max()) for k in eager_state) < 1e-3
+    assert compiled.history[0]["eval_top1"] == pytest.approx(eager.history[0]["eval_top1"], abs=1.0)

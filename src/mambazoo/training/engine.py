@@ -73,17 +73,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 class Trainer:
     """One training run; build it from resolved flags (:func:`mambazoo.training.config.parse_train_args`).
 
@@ -135,6 +124,8 @@ class Trainer:
         for name in explicit & RESUMABLE_CHANGES:
             setattr(resumed, name, getattr(args, name))
         resumed.resume, resumed.output, resumed.experiment = str(resume), str(run_dir), None
+        # the weights come from the checkpoint: do not fetch or read the initial ones again
+        resumed.pretrained, resumed.pretrained_path, resumed.initial_checkpoint = False, None, None
         self.resume_state_file = resume if resume.is_file() else CheckpointManager(
             run_dir, resumed.checkpoint_hist, "", True).last_state_file
         if self.resume_state_file is None or not self.resume_state_file.is_file():
@@ -232,7 +223,8 @@ class Trainer:
                       recipe_notes=list(RECIPES[self.args.recipe].notes) if self.args.recipe else [])
         if self.dist.is_primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(self.run_dir, config)
+            if not self.args.resume:  # a resumed run keeps its original record
+                write_config(self.run_dir, config)
             self._print(f"run folder: {self.run_dir}")
             self._print("resolved config: " + json.dumps(vars(self.args), sort_keys=True, default=str))
             for note in config["recipe_notes"]:
