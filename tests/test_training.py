@@ -20,6 +20,7 @@ from mambazoo.training.config import parse_train_args
 from mambazoo.training.data import EpochSampler, load_fashion_mnist, load_image_folder, sample_seed
 from mambazoo.training.distributed import Distributed, find_blocks
 from mambazoo.training.engine import check_run_args
+from official_keys import DATA, parse_key_line
 from training_helpers import DIGITS_ARGS
 from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 
@@ -112,6 +113,8 @@ def _args(*extra: str) -> argparse.Namespace:
     (["--dataset", "fashion-mnist", "--data-dir", "{tmp}"], "apt-get install -y dataset-fashion-mnist"),
     (["--num-classes", "5"], "smaller than the 10 classes"),
     (["-b", "63", "--mixup", "0.5"], "even batch per process"),
+    (["--aa", "nosuch"], "Unknown AA policy nosuch"),
+    (["--resume", "{tmp}/missing"], "does not exist"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, extra, message):
     run_dir = tmp_path / "run"
@@ -146,6 +149,40 @@ def test_fine_tuning_resets_the_head_resizes_pos_embed_and_loads_the_rest(tmp_pa
     assert torch.equal(loaded["pos_embed"], resize_pos_embed(official["pos_embed"], (4, 4), (2, 2)))
     same = [k for k in official if not k.startswith(("head.", "pos_embed"))]
     assert same and all(torch.equal(loaded[k], official[k]) for k in same)
+
+
+def _official_key_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """The official layout of a key list in tests/data (MambaOut's file continues with timm's names: not those)."""
+    shapes = {}
+    for line in (DATA / name).read_text().splitlines():
+        if line.startswith("# timm"):
+            break
+        if (entry := parse_key_line(line)) is not None:
+            shapes[entry[0]] = entry[1]
+    return shapes
+
+
+@pytest.mark.parametrize("name, keys, wrapper, official_classifier", [
+    ("vim_tiny_patch16_224", "keys_vim_tiny.txt", "model", "head"),
+    ("plainmamba_l1", "keys_plainmamba_l1.txt", "state_dict", "head.fc"),
+    ("mambaout_femto", "keys_mambaout_femto.txt", None, "head.fc2"),
+])
+def test_fine_tuning_from_official_release_layouts(tmp_path, name, keys, wrapper, official_classifier):
+    """An official 224 px / 1000-class file (its exact key list) fine-tunes at 64 px with 10 classes: every tensor
+    except the classifier is loaded, each from exactly one checkpoint tensor, and the classifier is new."""
+    shapes = _official_key_shapes(keys)
+    state = {key: torch.full(shape, float(i)) for i, (key, shape) in enumerate(shapes.items())}  # value = identity
+    torch.save({wrapper: state} if wrapper else state, tmp_path / "official.pth")
+    args = parse_train_args(["--model", name, "--pretrained-path", str(tmp_path / "official.pth"), "--img-size", "64"])
+    model = create_classifier(args[0], num_classes=10)
+    classifier = model.pretrained_cfg["classifier"]
+    loaded = {k: v for k, v in model.state_dict().items() if not k.startswith(classifier + ".")}
+    # one value per tensor (a resized pos_embed stays constant up to interpolation rounding)
+    assert all(torch.allclose(v.double(), v.flatten()[0].double(), atol=1e-4) for v in loaded.values())
+    head_keys = (f"{official_classifier}.weight", f"{official_classifier}.bias")
+    expected = sorted(i for i, key in enumerate(shapes) if key not in head_keys)
+    assert sorted(round(float(v.flatten()[0])) for v in loaded.values()) == expected
+    assert model.get_classifier().weight.shape[0] == 10
 
 
 def test_checkpoint_mismatches_are_named(tmp_path):

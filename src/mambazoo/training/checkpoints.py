@@ -7,6 +7,7 @@ file in the same folder, fsynced and renamed over the target (``os.replace``); t
 crash at any moment leaves the previous manifest and every file it names intact. See ``docs/training.md``.
 """
 import json
+import math
 import os
 import re
 import sys
@@ -260,7 +261,7 @@ class CheckpointManager:
         save_torch(self.folder / f"{name}.state.pt", state)
         entry = dict(name=name, epoch=epoch, step=step, metric=metric, ema=ema_weights is not None)
         self.manifest["last"] = entry
-        if metric is not None:
+        if metric is not None and not math.isnan(metric):  # a diverged run (NaN) is never "best"
             ranked = [e for e in self.manifest["best"] if e["name"] != name] + [entry]
             ranked.sort(key=lambda e: e["metric"], reverse=self.manifest["higher_is_better"])
             self.manifest["best"] = ranked[:self.keep_best]

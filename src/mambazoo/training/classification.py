@@ -147,10 +147,13 @@ class ClassificationTask(Task):
         train_config = dict(config)
         if args.train_interpolation and not args.no_aug:
             train_config["interpolation"] = args.train_interpolation
-        datasets.train.transform = create_transform(
-            **train_config, is_training=True, no_aug=args.no_aug, scale=tuple(args.scale), ratio=tuple(args.ratio),
-            hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+        try:
+            datasets.train.transform = create_transform(
+                **train_config, is_training=True, no_aug=args.no_aug, scale=tuple(args.scale),
+                ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+                auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+        except AssertionError as error:  # timm asserts on unknown policies and modes
+            raise ValueError(f"training augmentation: {error}") from None
         datasets.val.transform = create_transform(**config, is_training=False)
         return dict(config, input_size=list(config["input_size"]), mean=list(config["mean"]), std=list(config["std"]))
 

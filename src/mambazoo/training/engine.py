@@ -113,6 +113,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- setup
     def _resumed_args(self, args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
         resume = Path(args.resume)
+        if not resume.exists():
+            raise FileNotFoundError(f"--resume {resume} does not exist (give a run folder or its .state.pt file)")
         run_dir = resume if resume.is_dir() else resume.parent.parent
         saved = load_run_config(run_dir)["args"]
         conflicts = sorted(name for name in explicit - RESUMABLE_CHANGES
