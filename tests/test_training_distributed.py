@@ -12,12 +12,12 @@ from mambazoo.training import load_model_weights, resolve_weights_file, train, v
 from training_helpers import DIGITS_ARGS, max_abs_diff, read_weights
 from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 
-# One epoch, global batch 64 (32 per rank): 22 steps. No mixup, dropout or drop path, so the only difference
+# One epoch, global batch 128 (64 per rank): 11 steps. No mixup, dropout or drop path, so the only difference
 # between one and two processes is the order of floating-point sums (gradients averaged over two halves).
-RUN_ARGS = DIGITS_ARGS + ["-b", "64", "--epochs", "1", "--lr", "3e-3", "--seed", "5"]
-# 22 AdamW steps from identical starts differ only by summation order; measured max |Δw| 1.3e-6 (DDP) and 2.8e-6
+RUN_ARGS = DIGITS_ARGS + ["-b", "128", "--epochs", "1", "--lr", "3e-3", "--seed", "5"]
+# 11 AdamW steps from identical starts differ only by summation order; measured max |Δw| 5.7e-6 (DDP) and 5.5e-6
 # (FSDP2) against one process, with identical validation accuracy. A wrong gradient average or data split is >1e-3.
-TOLERANCE = 2e-5
+TOLERANCE = 5e-5
 
 JOB = textwrap.dedent("""
     import json

@@ -315,7 +315,7 @@ def create_train_loader(dataset: Dataset, batch_size: int, sampler: EpochSampler
                         collate_fn: Optional[Callable] = None, pin_memory: bool = False) -> DataLoader:
     """Training loader over ``sampler`` (full batches only); samples are transformed under their own seeds."""
     return DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_fn, pin_memory=pin_memory, drop_last=True,
+                      collate_fn=collate_fn, pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(sampler.seed))
 
 
@@ -331,4 +331,5 @@ def create_eval_loader(dataset: Dataset, batch_size: int, num_replicas: int = 1,
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, drop_last=False, generator=torch.Generator().manual_seed(0))
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(0))
