@@ -296,6 +296,8 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
         """Train to the end of the schedule, evaluating and checkpointing after every epoch."""
+        if self.epoch >= self.num_epochs:
+            self._print(f"nothing to train: the run has completed its {self.num_epochs} epochs")
         while self.epoch < self.num_epochs:
             self._train_epoch()
             row = self._finish_epoch()
