@@ -236,6 +236,18 @@ def test_sampler_gives_the_same_global_batches_for_any_world_size_and_resumes():
     assert list(other) != expected
 
 
+def test_repeated_augmentation_spreads_copies_over_ranks():
+    """--aug-repeats 3: each image three times in a row in the epoch order, so the copies land on different ranks
+    (with different per-sample seeds); an epoch keeps the dataset's length."""
+    ranks = [EpochSampler(12, num_replicas=3, rank=r, seed=0, repeats=3) for r in range(3)]
+    shares = [list(sampler) for sampler in ranks]
+    assert [len(share) for share in shares] == [4, 4, 4]
+    for step in range(4):
+        indices = [share[step][0] for share in shares]
+        assert len(set(indices)) == 1  # the 3 copies of one image, one per rank
+        assert len({share[step][1] for share in shares}) == 3
+
+
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "file.txt"
     target.write_text("old")
