@@ -1,4 +1,5 @@
-"""Every ```python block of README.md and docs/*.md runs as written; every `mambazoo ...` command line parses.
+"""Every ```python block of README.md and docs/*.md runs as written; every `mambazoo ...` command line parses
+(``mambazoo train``/``validate`` and ``torchrun -m mambazoo.train`` lines with the training parsers).
 
 A block that needs a download is preceded by an HTML comment the reader does not see::
 
@@ -132,17 +133,33 @@ def _command_lines() -> list[tuple[str, str]]:
     for snippet in _snippets("bash"):
         for line in snippet.code.replace("\\\n", " ").splitlines():  # join continued lines
             command = line.split("#")[0].strip()
-            if command.startswith(("mambazoo ", "python -m mambazoo ")):
+            if command.startswith(("mambazoo ", "python -m mambazoo ", "python -m mambazoo.train ",
+                                   "python -m mambazoo.validate ")) or " -m mambazoo.train " in command:
                 lines.append((snippet.name, command))
     return lines
 
 
+def _parse(words: list[str]) -> None:
+    """Parse a documented command line with the parser that would run it (training flags have their own)."""
+    from mambazoo.training.config import parse_train_args
+    from mambazoo.training.evaluation import build_validate_parser
+
+    if words[0] in ("python", "torchrun"):  # python -m mambazoo[.train|.validate] ..., torchrun ... -m ...
+        module = words[words.index("-m") + 1]
+        words = ["mambazoo", *([module.split(".")[1]] if "." in module else []), *words[words.index("-m") + 2:]]
+    command, arguments = (words[1], words[2:]) if len(words) > 1 else (None, [])
+    if command == "train":
+        parse_train_args(arguments)
+    elif command == "validate":
+        build_validate_parser().parse_args(arguments)
+    else:
+        cli._parser().parse_args(words[1:])
+
+
 @pytest.mark.parametrize("where, command", _command_lines(), ids=[c for _, c in _command_lines()])
 def test_documented_command_lines_parse(where: str, command: str) -> None:
-    words = shlex.split(command)
-    arguments = words[3:] if words[0] == "python" else words[1:]
     try:
-        cli._parser().parse_args(arguments)
+        _parse(shlex.split(command))
     except SystemExit as error:
         pytest.fail(f"{where}: `{command}` does not parse (exit {error.code})")
 

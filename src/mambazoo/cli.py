@@ -1,8 +1,9 @@
-"""Command line: mambazoo list | flops | bench | demo | export | predict (also python -m mambazoo).
+"""Command line: mambazoo list | flops | bench | demo | export | predict | train | validate (python -m mambazoo).
 
 Each subcommand is a pair of functions: ``_add_<name>(commands)`` declares its arguments and ``_run_<name>(args)``
 runs it. Heavy modules (torch, timm, the models) are imported inside the ``_run_*`` functions, so ``mambazoo --help``
-starts in a fraction of a second.
+starts in a fraction of a second. ``train`` and ``validate`` are handed to their own modules (``mambazoo.train``,
+``mambazoo.validate``, which ``torchrun -m`` also runs) with their own flags.
 """
 import argparse
 import ast
@@ -17,6 +18,9 @@ from . import __version__
 DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambavision_t", "mambaout_femto",
                    "deit_tiny_patch16_224:math", "deit_tiny_patch16_224")
 DEMO_RESOLUTIONS = (224, 512, 768, 1024, 1248)
+# Subcommands handled by their own modules (flags: ``mambazoo train --help``; docs/training.md).
+DELEGATED = {"train": "train or fine-tune a model, one process or many under torchrun",
+             "validate": "evaluate a classifier: top-1, top-5, loss, img/s"}
 VIM, DEIT_SDPA, DEIT_MATH = "vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:math"
 EXPORT_FORMATS = ("onnx", "pt2")
 
@@ -179,12 +183,14 @@ def _add_export(commands) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mambazoo", description="Visual state-space models for timm: list, count "
-                                     "FLOPs, benchmark, export.")
+                                     "FLOPs, benchmark, export, train, detect and segment.")
     parser.add_argument("--version", action="version", version=f"mambazoo {__version__}",
                         help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_list, _add_flops, _add_bench, _add_demo, _add_export, _add_predict):
         add(commands)
+    for name, text in DELEGATED.items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -408,6 +414,11 @@ _COMMANDS = dict(list=_run_list, flops=_run_flops, bench=_run_bench, demo=_run_d
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``mambazoo`` command; returns the exit status (2 for errors in the arguments or inputs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(f"mambazoo.{argv[0]}").main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         _COMMANDS[args.command](args)

@@ -1,0 +1,30 @@
+"""Shared settings of the training tests: a tiny Vim on scikit-learn's digits at 32 px, on one thread."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+# test_vim (width 32, 4 blocks) on digits at 32 px: 2×2 patches + the cls token, about 1 s per epoch on 2 cores.
+DIGITS_ARGS = ["--model", "test_vim", "--dataset", "digits", "--img-size", "32", "--opt", "adamw",
+               "--weight-decay", "0.05", "--warmup-epochs", "0", "--sched-on-updates", "--scale", "0.5", "1",
+               "--hflip", "0", "-j", "0", "--no-progress"]
+
+
+def read_weights(path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a state dict."""
+    return load_file(str(path))
+
+
+def max_abs_diff(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
+    """Largest element-wise difference between two state dicts with the same keys."""
+    assert first.keys() == second.keys()
+    return max((first[k].double() - second[k].double()).abs().max().item() for k in first)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine threads waiting for each other slow every op
+    tenfold; one thread also keeps the in-process runs comparable with the single-threaded subprocesses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
