@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .ops import causal_conv1d  # noqa: F401  (registers mambazoo::causal_conv1d_native)
+from .ops import causal_conv1d  # noqa: F401  (registers the mambazoo::causal_conv1d_<kernel> ops)
 from .ops.selective_scan import route_through_custom_op
 
 __all__ = ["SCAN_MACS_PER_ELEMENT", "MacCount", "count_macs", "count_model_macs", "scan_macs"]
@@ -43,7 +43,8 @@ def _causal_conv1d_flops(x_shape, weight_shape, *args, **kwargs) -> int:
     return 2 * batch * length * dim * weight_shape[1]  # one MAC per kernel tap and output element
 
 
-_CUSTOM_FLOPS: dict = {_SCAN_OP: _scan_flops, torch.ops.mambazoo.causal_conv1d_native: _causal_conv1d_flops}
+_CUSTOM_FLOPS: dict = {_SCAN_OP: _scan_flops, torch.ops.mambazoo.causal_conv1d_native: _causal_conv1d_flops,
+                       torch.ops.mambazoo.causal_conv1d_triton: _causal_conv1d_flops}
 
 
 @dataclass(frozen=True)
