@@ -105,13 +105,15 @@ def _command_flops(args: argparse.Namespace) -> None:
 
 def _command_bench(args: argparse.Namespace) -> None:
     _check_models(args.model)
-    meta = dict(machine=bench_engine.machine_description(args.device), cpu_memory_method=bench_engine.CPU_MEMORY_METHOD)
+    meta = dict(machine=bench_engine.machine_description(args.device), cpu_memory_method=bench_engine.CPU_MEMORY_METHOD,
+                precision=args.precision + (f" ({args.amp_dtype})" if args.precision == "amp" else ""))
     if args.sweep:
-        if args.bench != "inference" or args.precision != "float32" or args.channels_last:
-            raise ValueError("--sweep measures fp32 inference: drop --bench/--precision/--channels-last")
+        if args.bench != "inference":
+            raise ValueError("--sweep measures inference: drop --bench")
         rows = bench_engine.sweep(args.model, args.sweep, batch_size=args.batch_size, repeats=args.repeats,
                                   num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
-                                  device=args.device, progress=not args.no_progress)
+                                  device=args.device, precision=args.precision, amp_dtype=args.amp_dtype,
+                                  channels_last=args.channels_last, progress=not args.no_progress)
     else:
         rows = [bench_engine.benchmark(name, batch_size=args.batch_size, img_size=args.img_size, bench=args.bench,
                                        device=args.device, precision=args.precision, amp_dtype=args.amp_dtype,
