@@ -162,7 +162,7 @@ def main() -> None:
                                                                         if loop[op]) + ")" for loop in loops)
         rows.append(f"| {label} | {warps} | {usage['registers']} | {usage['local']} | {usage['shared']} | {mixes} |")
         print(rows[-1], f"({time.perf_counter() - started:.1f} s)", flush=True)
-    header = [f"# Triton kernels compiled for sm_90 (no GPU needed)", "",
+    header = ["# Triton kernels compiled for sm_90 (no GPU needed)", "",
               f"triton {triton.__version__}, target GPUTarget('cuda', 90, 32), host {platform.node()}, "
               f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/triton_compile_check.py`.", "",
               "Registers per thread; spills = local memory per thread in bytes (0 = no spills); shared memory per "

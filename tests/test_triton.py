@@ -113,11 +113,16 @@ def cotangents(inputs: ScanInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def assert_matches_reference(inputs: ScanInputs, dtype: torch.dtype = torch.float32, value_tol: float = 2e-5,
                              grad_tol: float = 1e-4, **options) -> None:
-    """Triton vs float64 reference on the same (already rounded) inputs: y, last state and all gradients."""
+    """Triton vs float64 reference on the same (already rounded) inputs: y, last state and all gradients.
+
+    Sequences longer than 2000 steps are checked against the float64 ``torch`` backend (itself tested against the
+    reference in test_scan.py): the step-by-step reference launches a few GPU ops per step.
+    """
     inputs = on_device(inputs)
     grad_y, grad_state = cotangents(inputs)
     rounded = inputs.to(dtype)
-    y_ref, state_ref, grads_ref = values_and_gradients(rounded, "reference", torch.float64, grad_y, grad_state,
+    reference = "torch" if inputs.u.shape[1] > 2000 else "reference"
+    y_ref, state_ref, grads_ref = values_and_gradients(rounded, reference, torch.float64, grad_y, grad_state,
                                                        **options)
     y, state, grads = values_and_gradients(rounded, "triton", None, grad_y, grad_state, **options)
     assert y.dtype == dtype and state.dtype == torch.float32
@@ -161,8 +166,16 @@ CASES = {
         ((1, 20, 3, 1), OPTIONS[2]),
         ((2, 17, 4, 8), OPTIONS[4]),
     ],
-    "cuda": [(shape, options) for shape in [(2, 1025, 384, 16), (1, 1, 40, 16), (3, 197, 160, 8), (2, 3136, 128, 1),
-                                            (64, 197, 384, 16)] for options in OPTIONS],
+    "cuda": [
+        ((2, 1025, 384, 16), OPTIONS[0]),
+        ((2, 1025, 384, 16), OPTIONS[1]),
+        ((1, 1, 40, 16), OPTIONS[1]),
+        ((3, 197, 160, 8), OPTIONS[2]),
+        ((3, 197, 160, 8), OPTIONS[3]),
+        ((2, 3136, 128, 1), OPTIONS[2]),
+        ((64, 197, 384, 16), OPTIONS[0]),
+        ((64, 197, 384, 16), OPTIONS[4]),
+    ],
 }
 
 
@@ -260,7 +273,7 @@ def test_custom_op_passes_opcheck():
 
 
 @needs_kernels
-@settings(max_examples=2 if MODE == "interpreter" else 30, deadline=None)
+@settings(max_examples=2 if MODE == "interpreter" else 10, deadline=None)
 @given(
     batch=st.integers(1, 2),
     length=st.integers(1, 18 if MODE == "interpreter" else 300),
