@@ -104,9 +104,11 @@ def innermost_loops(sass: str) -> list[collections.Counter]:
 
 
 def scan_configs(module) -> list[tuple[str, object, str, dict, int]]:
-    """(label, kernel, dtype, constexprs, num_warps) of the configurations that matter."""
+    """(label, kernel, dtype, constexprs, num_warps) of the configurations that matter (the launcher's defaults:
+    1 warp, 32 channels per program, forward loads pipelined in 3 stages, backward prefetching one step ahead)."""
     common = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, CHUNK=64, BLOCK_D=32, PAD_N=False,
                   FAST=True)
+    backward = dict(LOCAL=False, HAS_GRAD_LAST=False, PAD_D=False, NUM_STAGES=1)
     configs = []
     for dtype in ("fp32", "bf16"):
         for d_state, vec in ((16, 4), (8, 4), (1, 1)):
@@ -115,22 +117,18 @@ def scan_configs(module) -> list[tuple[str, object, str, dict, int]]:
                 label = f"N={d_state} {dtype}{' reverse' if reverse else ''}"
                 configs.append((f"fwd {label}", module._scan_fwd_kernel, dtype,
                                 dict(constants, LOCAL=False, NUM_STAGES=3), 1))
-                configs.append((f"bwd {label}", module._scan_bwd_kernel, dtype,
-                                dict(constants, LOCAL=False, HAS_GRAD_LAST=False, PAD_D=False, NUM_STAGES=2), 1))
-                if d_state == 16 and not reverse:
-                    configs.append((f"bwd {label}, no pipelining", module._scan_bwd_kernel, dtype,
-                                    dict(constants, LOCAL=False, HAS_GRAD_LAST=False, PAD_D=False, NUM_STAGES=1), 1))
+                configs.append((f"bwd {label}", module._scan_bwd_kernel, dtype, dict(constants, **backward), 1))
     vim = dict(common, REVERSE=False, BLOCK_N=16, VEC_B=4, VEC_C=4)
-    configs.append(("fwd split pass N=16 fp32", module._scan_fwd_kernel, "fp32",
-                    dict(vim, LOCAL=True, NUM_STAGES=3), 1))
-    configs.append(("bwd split pass N=16 fp32", module._scan_bwd_kernel, "fp32",
-                    dict(vim, LOCAL=True, HAS_GRAD_LAST=False, PAD_D=False, NUM_STAGES=2), 1))
-    configs.append(("fwd N=16 fp32, no pipelining", module._scan_fwd_kernel, "fp32",
-                    dict(vim, LOCAL=False, NUM_STAGES=1), 1))
-    configs.append(("fwd N=16 fp32, BLOCK_D=64", module._scan_fwd_kernel, "fp32",
-                    dict(vim, LOCAL=False, NUM_STAGES=3, BLOCK_D=64), 1))
-    configs.append(("bwd N=16 fp32, BLOCK_D=16", module._scan_bwd_kernel, "fp32",
-                    dict(vim, LOCAL=False, HAS_GRAD_LAST=False, PAD_D=False, NUM_STAGES=2, BLOCK_D=16), 1))
+    configs += [
+        ("fwd split pass N=16 fp32", module._scan_fwd_kernel, "fp32", dict(vim, LOCAL=True, NUM_STAGES=3), 1),
+        ("bwd split pass N=16 fp32", module._scan_bwd_kernel, "fp32", dict(vim, **dict(backward, LOCAL=True)), 1),
+        ("fwd N=16 fp32, no pipelining", module._scan_fwd_kernel, "fp32", dict(vim, LOCAL=False, NUM_STAGES=1), 1),
+        ("bwd N=16 fp32, 2-stage pipelining", module._scan_bwd_kernel, "fp32",
+         dict(vim, **dict(backward, NUM_STAGES=2)), 1),
+        ("fwd N=16 fp32, BLOCK_D=64", module._scan_fwd_kernel, "fp32",
+         dict(vim, LOCAL=False, NUM_STAGES=3, BLOCK_D=64), 1),
+        ("bwd N=16 fp32, BLOCK_D=16", module._scan_bwd_kernel, "fp32", dict(vim, **backward, BLOCK_D=16), 1),
+    ]
     return configs
 
 
@@ -148,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "triton_sm90_compile.md")
     parser.add_argument("--only", default="", help="substring filter on the configuration labels")
+    parser.add_argument("--dump", type=Path, default=None, help="also write each kernel's TTGIR, PTX and SASS here")
     args = parser.parse_args()
     module = load_kernels()
     rows = []
@@ -157,6 +156,12 @@ def main() -> None:
         started = time.perf_counter()
         compiled = compile_kernel(kernel, dtype, constants, warps)
         usage = resource_usage(compiled.asm["cubin"])
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            stem = re.sub(r"[^A-Za-z0-9]+", "_", label)
+            for suffix, text in ((".ttgir", compiled.asm["ttgir"]), (".ptx", compiled.asm["ptx"]),
+                                 (".sass", usage["sass"])):
+                (args.dump / (stem + suffix)).write_text(text)
         loops = innermost_loops(usage["sass"])
         mixes = "; ".join(f"{sum(loop.values())} instr (" + ", ".join(f"{op} {loop[op]}" for op in REPORTED
                                                                         if loop[op]) + ")" for loop in loops)

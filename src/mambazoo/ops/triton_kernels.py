@@ -144,25 +144,36 @@ def _load_parameter(ptr, channels, channel_ok, PRESENT: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
-def _tile_offsets(states, channels, tile_ok, dim):
-    """Offsets of a (states, channels) tile in a (d_state, dim) array.
+def _load_rows(ptr, state_stride, channel_stride, channels, channel_ok, d_state, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """A (states, channels) float32 tile from memory, one state (a row over the channels) at a time.
 
-    Masked through a select, so that the compiler sees no contiguity and keeps the tile's registers in the layout of
-    the per-step arithmetic (channels across lanes, all states in one thread) instead of a vectorised load layout
-    that would need a shared-memory conversion every step; the accesses stay coalesced across the warp.
+    Together with :func:`_store_rows` this keeps every memory access of the forward's state one-dimensional, so the
+    compiler lays the tile out for the per-step arithmetic (channels across lanes, all states in one thread) instead
+    of adopting a vectorised 2-D access layout that would need a shared-memory conversion every step.
     """
-    return tl.where(tile_ok, states[:, None] * dim + channels[None, :], 0)
+    states = tl.arange(0, BLOCK_N)
+    tile = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for n in tl.static_range(BLOCK_N):
+        row = tl.load(ptr + n * state_stride + channels * channel_stride, mask=channel_ok & (n < d_state), other=0.0)
+        tile = tl.where(states[:, None] == n, row.to(tl.float32)[None, :], tile)
+    return tile
+
+
+@triton.jit
+def _store_rows(ptr, tile, state_stride, channel_stride, channels, channel_ok, d_state, BLOCK_N: tl.constexpr):
+    """Store a (states, channels) tile one state at a time (see :func:`_load_rows`); -0.0 is the neutral element
+    that lets the compiler reduce the row extraction to a register read."""
+    states = tl.arange(0, BLOCK_N)
+    for n in tl.static_range(BLOCK_N):
+        row = tl.sum(tl.where(states[:, None] == n, tile, -0.0), axis=0)
+        tl.store(ptr + n * state_stride + channels * channel_stride, row, mask=channel_ok & (n < d_state))
 
 
 @triton.jit
 def _load_A2(A_ptr, channels, channel_ok, d_state, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A·log2(e) as a (states, channels) tile; loaded state by state so the tile keeps the channels-on-lanes layout."""
-    states = tl.arange(0, BLOCK_N)
-    A2 = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for n in tl.static_range(BLOCK_N):
-        column = tl.load(A_ptr + channels * d_state + n, mask=channel_ok & (n < d_state), other=0.0)
-        A2 = tl.where(states[:, None] == n, column.to(tl.float32)[None, :] * LOG2E, A2)
-    return A2
+    """A·log2(e) as a (states, channels) tile (A is (dim, d_state) in memory)."""
+    return _load_rows(A_ptr, 1, d_state, channels, channel_ok, d_state, BLOCK_N, BLOCK_D) * LOG2E
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -194,8 +205,6 @@ def _scan_fwd_kernel(
     states = tl.arange(0, BLOCK_N)
     channel_ok = channels < dim
     state_ok = states < d_state
-    tile_ok = state_ok[:, None] & channel_ok[None, :]
-    tile = _tile_offsets(states, channels, tile_ok, dim)
     A2 = _load_A2(A_ptr, channels, channel_ok, d_state, BLOCK_N, BLOCK_D)
     bias = _load_parameter(bias_ptr, channels, channel_ok, HAS_BIAS, BLOCK_D)
     start = segment * seg_len
@@ -214,19 +223,21 @@ def _scan_fwd_kernel(
             step_sum += step
             step_max = tl.maximum(step_max, step)
         item = batch * n_seg + segment
-        tl.store(seg_state_ptr + item * d_state * dim + tile, h, mask=tile_ok)
+        _store_rows(seg_state_ptr + item * d_state * dim, h, dim, 1, channels, channel_ok, d_state, BLOCK_N)
         tl.store(seg_step_ptr + 2 * item * dim + channels, step_sum, mask=channel_ok)
         tl.store(seg_step_ptr + (2 * item + 1) * dim + channels, step_max, mask=channel_ok)
     else:
         skip = _load_parameter(D_ptr, channels, channel_ok, HAS_D, BLOCK_D)
         for previous in range(segment):
             item = batch * n_seg + previous
-            local = tl.load(seg_state_ptr + item * d_state * dim + tile, mask=tile_ok, other=0.0)
+            local = _load_rows(seg_state_ptr + item * d_state * dim, dim, 1, channels, channel_ok, d_state, BLOCK_N,
+                               BLOCK_D)
             step_sum = tl.load(seg_step_ptr + 2 * item * dim + channels, mask=channel_ok, other=0.0)
             step_max = tl.load(seg_step_ptr + (2 * item + 1) * dim + channels, mask=channel_ok, other=0.0)
             h = _carry_across(h, step_sum, step_max, local, A2)
         for chunk in range(start // CHUNK, tl.cdiv(end, CHUNK)):
-            tl.store(chunk_states_ptr + (batch * n_chunks + chunk) * d_state * dim + tile, h, mask=tile_ok)
+            _store_rows(chunk_states_ptr + (batch * n_chunks + chunk) * d_state * dim, h, dim, 1, channels,
+                        channel_ok, d_state, BLOCK_N)
             for index in tl.range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, end), num_stages=NUM_STAGES):
                 row = _row(index, length, REVERSE)
                 delta = _load_channels(delta_ptr, row, stride_delta_l, channels, channel_ok)
@@ -243,8 +254,7 @@ def _scan_fwd_kernel(
                     y *= z * _sigmoid(z, FAST)
                 tl.store(y_ptr + row * dim + channels, y.to(y_ptr.dtype.element_ty), mask=channel_ok)
         if end == length:
-            last = tl.where(tile_ok, channels[None, :] * d_state + states[:, None], 0)
-            tl.store(last_state_ptr + batch * dim * d_state + last, h, mask=tile_ok)
+            _store_rows(last_state_ptr + batch * dim * d_state, h, 1, d_state, channels, channel_ok, d_state, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -252,15 +262,14 @@ def _scan_fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_inputs(index, length, channels, channel_ok, states, state_ok, bias, A2,
-                u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_y_ptr,
-                stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, stride_grad_l,
-                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
-                PAD_N: tl.constexpr, VEC_B: tl.constexpr, VEC_C: tl.constexpr, FAST: tl.constexpr):
-    """One step's loads and shared values of the backward.
+def _bwd_loads(index, length, channels, channel_ok, states, state_ok, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr,
+               grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, stride_grad_l,
+               HAS_Z: tl.constexpr, REVERSE: tl.constexpr, PAD_N: tl.constexpr, VEC_B: tl.constexpr,
+               VEC_C: tl.constexpr):
+    """One step's loads of the backward: row, delta, u, B, C, grad_y and z (u again when there is no z).
 
-    Returns: row, u, B, C, Δ', dΔ'/d(delta), the decays (states, channels), g = grad_y·SiLU(z) (the gradient of the
-    pre-gate output) and grad_y·SiLU'(z) (dz per unit of pre-gate output).
+    The sweeps issue them one step ahead (software prefetch through the loop-carried values), so their latency
+    overlaps a whole step of arithmetic.
     """
     row = _row(index, length, REVERSE)
     delta = _load_channels(delta_ptr, row, stride_delta_l, channels, channel_ok)
@@ -268,17 +277,25 @@ def _bwd_inputs(index, length, channels, channel_ok, states, state_ok, bias, A2,
     B = _load_states(B_ptr, row, stride_B_l, states, state_ok, PAD_N, VEC_B)
     C = _load_states(C_ptr, row, stride_C_l, states, state_ok, PAD_N, VEC_C)
     grad_y = _load_channels(grad_y_ptr, row, stride_grad_l, channels, channel_ok)
+    z = _load_channels(z_ptr, row, stride_z_l, channels, channel_ok) if HAS_Z else u
+    return row, delta, u, B, C, grad_y, z
+
+
+@triton.jit
+def _bwd_values(delta, z, grad_y, bias, A2, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                FAST: tl.constexpr):
+    """One step's shared values of the backward: Δ', dΔ'/d(delta), the decays (states, channels),
+    g = grad_y·SiLU(z) (the gradient of the pre-gate output) and grad_y·SiLU'(z) (dz per unit of pre-gate output)."""
     step, slope = _step_size(delta, bias, HAS_BIAS, SOFTPLUS, FAST)
     decay = tl.exp2(step[None, :] * A2)
     if HAS_Z:
-        z = _load_channels(z_ptr, row, stride_z_l, channels, channel_ok)
         sig = _sigmoid(z, FAST)
         g = grad_y * z * sig
         gate_slope = grad_y * sig * (1.0 + z * (1.0 - sig))
     else:
         g = grad_y
         gate_slope = grad_y
-    return row, u, B, C, step, slope, decay, g, gate_slope
+    return step, slope, decay, g, gate_slope
 
 
 @triton.jit
@@ -367,11 +384,16 @@ def _scan_bwd_kernel(
         carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         step_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
         step_max = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        row_next, delta_next, u_next, B_next, C_next, grad_next, z_next = _bwd_loads(
+            end - 1, length, channels, channel_ok, states, state_ok, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, grad_y_ptr,
+            stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim, HAS_Z, REVERSE, PAD_N, VEC_B, VEC_C)
         for back in tl.range(0, end - start, num_stages=NUM_STAGES):
-            _, _, _, C, step, _, decay, g, _ = _bwd_inputs(
-                end - 1 - back, length, channels, channel_ok, states, state_ok, bias, A2, u_ptr, delta_ptr, B_ptr,
-                C_ptr, z_ptr, grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim,
-                HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, PAD_N, VEC_B, VEC_C, FAST)
+            delta, C, grad_y, z = delta_next, C_next, grad_next, z_next
+            row_next, delta_next, u_next, B_next, C_next, grad_next, z_next = _bwd_loads(
+                tl.maximum(end - 2 - back, start), length, channels, channel_ok, states, state_ok, u_ptr, delta_ptr,
+                B_ptr, C_ptr, z_ptr, grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim,
+                HAS_Z, REVERSE, PAD_N, VEC_B, VEC_C)
+            step, _, decay, g, _ = _bwd_values(delta, z, grad_y, bias, A2, HAS_Z, HAS_BIAS, SOFTPLUS, FAST)
             carry = decay * (C[:, None] * g[None, :] + carry)
             step_sum += step
             step_max = tl.maximum(step_max, step)
@@ -414,11 +436,18 @@ def _scan_bwd_kernel(
             h = tl.load(checkpoint, mask=tile_ok, other=0.0)
             tangent = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
             dA_chunk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            row_n, delta_n, u_n, B_n, C_n, grad_n, z_n = _bwd_loads(
+                chunk_start, length, channels, channel_ok, states, state_ok, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr,
+                grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim, HAS_Z, REVERSE, PAD_N,
+                VEC_B, VEC_C)
             for index in tl.range(chunk_start, chunk_end, num_stages=NUM_STAGES):
-                row, u, B, C, step, _, decay, g, gate_slope = _bwd_inputs(
-                    index, length, channels, channel_ok, states, state_ok, bias, A2, u_ptr, delta_ptr, B_ptr,
-                    C_ptr, z_ptr, grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim,
-                    HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, PAD_N, VEC_B, VEC_C, FAST)
+                row, delta, u, B, C, grad_y, z = row_n, delta_n, u_n, B_n, C_n, grad_n, z_n
+                row_n, delta_n, u_n, B_n, C_n, grad_n, z_n = _bwd_loads(
+                    tl.minimum(index + 1, chunk_end - 1), length, channels, channel_ok, states, state_ok, u_ptr,
+                    delta_ptr, B_ptr, C_ptr, z_ptr, grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l,
+                    stride_z_l, dim, HAS_Z, REVERSE, PAD_N, VEC_B, VEC_C)
+                step, _, decay, g, gate_slope = _bwd_values(delta, z, grad_y, bias, A2, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                                            FAST)
                 tangent = decay * (tangent + step[None, :] * h)
                 decayed = decay * h
                 h = decayed + B[:, None] * (step * u)[None, :]
@@ -439,12 +468,19 @@ def _scan_bwd_kernel(
                 dA_acc += dA_chunk + carry * tangent
                 decay_sum = _sum_states(A2 * (carry * h), state_ok, PAD_N)
                 reverse_term = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+                row_n, delta_n, u_n, B_n, C_n, grad_n, z_n = _bwd_loads(
+                    chunk_end - 1, length, channels, channel_ok, states, state_ok, u_ptr, delta_ptr, B_ptr, C_ptr,
+                    z_ptr, grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim, HAS_Z,
+                    REVERSE, PAD_N, VEC_B, VEC_C)
                 for back in tl.range(0, chunk_end - chunk_start, num_stages=NUM_STAGES):
                     index = chunk_end - 1 - back
-                    row, u, B, C, step, slope, decay, g, _ = _bwd_inputs(
-                        index, length, channels, channel_ok, states, state_ok, bias, A2, u_ptr, delta_ptr, B_ptr,
-                        C_ptr, z_ptr, grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim,
-                        HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, PAD_N, VEC_B, VEC_C, FAST)
+                    row, delta, u, B, C, grad_y, z = row_n, delta_n, u_n, B_n, C_n, grad_n, z_n
+                    row_n, delta_n, u_n, B_n, C_n, grad_n, z_n = _bwd_loads(
+                        tl.maximum(index - 1, chunk_start), length, channels, channel_ok, states, state_ok, u_ptr,
+                        delta_ptr, B_ptr, C_ptr, z_ptr, grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l,
+                        stride_z_l, dim, HAS_Z, REVERSE, PAD_N, VEC_B, VEC_C)
+                    step, slope, decay, g, _ = _bwd_values(delta, z, grad_y, bias, A2, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                                           FAST)
                     reverse_term += (B[:, None] * (step * u)[None, :]) * carry
                     decay_sum += tl.load(scratch + (index - chunk_start) * BLOCK_D)
                     decay_grad = LN2 * (decay_sum - _sum_states(A2 * reverse_term, state_ok, PAD_N))
@@ -458,10 +494,12 @@ def _scan_bwd_kernel(
                 # summed step by step (the tangent's regrouping would mix infinities differently).
                 for back in range(0, chunk_end - chunk_start):
                     index = chunk_end - 1 - back
-                    row, u, B, C, step, slope, decay, g, _ = _bwd_inputs(
-                        index, length, channels, channel_ok, states, state_ok, bias, A2, u_ptr, delta_ptr, B_ptr,
-                        C_ptr, z_ptr, grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim,
-                        HAS_Z, HAS_BIAS, SOFTPLUS, REVERSE, PAD_N, VEC_B, VEC_C, FAST)
+                    row, delta, u, B, C, grad_y, z = _bwd_loads(
+                        index, length, channels, channel_ok, states, state_ok, u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr,
+                        grad_y_ptr, stride_u_l, stride_delta_l, stride_B_l, stride_C_l, stride_z_l, dim, HAS_Z,
+                        REVERSE, PAD_N, VEC_B, VEC_C)
+                    step, slope, decay, g, _ = _bwd_values(delta, z, grad_y, bias, A2, HAS_Z, HAS_BIAS, SOFTPLUS,
+                                                           FAST)
                     before = _state_before(
                         index, chunk_start, tl.load(checkpoint, mask=tile_ok, other=0.0), length, channels,
                         channel_ok, states, state_ok, bias, A2, u_ptr, delta_ptr, B_ptr, stride_u_l, stride_delta_l,
