@@ -53,7 +53,7 @@ def load_kernels():
 
 
 def compile_kernel(kernel, dtype: str, constants: dict, num_warps: int):
-    """Compile for sm_90; returns the compiled kernel (ptx, cubin, metadata)."""
+    """Compile for sm_90 with the launchers' options; returns the compiled kernel (ptx, cubin, metadata)."""
     names = list(inspect.signature(kernel.fn).parameters)
     signature, attrs = {}, {}
     for index, name in enumerate(names):
@@ -67,7 +67,10 @@ def compile_kernel(kernel, dtype: str, constants: dict, num_warps: int):
             if name in DIVISIBLE_INTS:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=dict(constants), attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps)
+    if kernel.fn.__name__.startswith("_scan"):
+        options["maxnreg"] = 255  # mambazoo.ops.triton_scan.MAX_REGISTERS
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def resource_usage(cubin: bytes) -> dict:

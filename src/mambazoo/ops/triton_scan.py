@@ -69,6 +69,10 @@ class LaunchConfig:
     n_seg: int
 
 
+# Registers per thread the compiler may use: one-warp programs are not occupancy-limited by registers at these grid
+# sizes, and an explicit limit keeps ptxas from spilling at its default target (docs/triton.md).
+MAX_REGISTERS = 255
+
 # Tuning knobs, chosen by reasoning (docs/triton.md) until measured; benchmarks/gpu_check.sh sweeps them.
 TUNING = dict(
     forward_block_d=32,
@@ -154,7 +158,7 @@ def _common_constants(d_state: int, config: LaunchConfig, B: Tensor, C: Tensor, 
                 REVERSE=reverse, CHUNK=CHUNK_SIZE, BLOCK_D=config.block_d, BLOCK_N=block_n,
                 PAD_N=block_n != d_state, VEC_B=_vector_width(B, d_state, block_n),
                 VEC_C=_vector_width(C, d_state, block_n), NUM_STAGES=config.num_stages, FAST=not INTERPRETER,
-                num_warps=config.num_warps)
+                num_warps=config.num_warps, maxnreg=MAX_REGISTERS)
 
 
 def _sequence_strides(u, delta, B, C, z, constants: dict) -> tuple[int, ...]:
