@@ -7,7 +7,7 @@
 #
 # Every part writes its own log and results; a failing or timed-out part is recorded in summary.md and the next
 # part runs anyway. The whole check stops starting parts after TOTAL_BUDGET seconds (default 480); BUDGET_SCALE=2
-# doubles every part's own limit.
+# doubles every part's own limit. SMOKE=1 checks the script itself at tiny sizes (on a CPU: Triton interpreter).
 set -u
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:+$OUT/gpu_check}"
@@ -20,6 +20,11 @@ SCALE="${BUDGET_SCALE:-1}"
 TOTAL="${TOTAL_BUDGET:-480}"
 # Parallel test workers when pytest-xdist is installed: the CUDA tests spend most of their time compiling kernels.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6")
+SIZES=""
+if [ "${SMOKE:-0}" = 1 ]; then
+  SIZES="--smoke --rounds 1 --model-rounds 1 --model-iters 1"
+  "$PY" -c "import torch, sys; sys.exit(torch.cuda.is_available())" && export TRITON_INTERPRET=1
+fi
 SUMMARY="$RESULTS/summary.md"
 START=$(date +%s)
 
@@ -52,18 +57,18 @@ part() {
 part environment 60 "$PY" -c "
 import torch, triton, timm
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'timm', timm.__version__)
-print(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))
+print(torch.cuda.get_device_properties(0) if torch.cuda.is_available() else 'no CUDA device')
 import mambazoo.ops as ops
 print({op: ops.capabilities.backend_status(op) for op in ops.capabilities.CAPABILITIES})
 "
 # Correctness first: every CUDA test of the Triton kernels (67k-token N=1 sequence, determinism, torch.compile).
-# shellcheck disable=SC2086
+# shellcheck disable=SC2086  # $XDIST and $SIZES are lists of options
 part tests 150 "$PY" -m pytest -q -x $XDIST -p no:cacheprovider tests/test_triton.py -k "not under_the_interpreter"
-part kernels 100 "$PY" benchmarks/scan_gpu.py kernels --out "$RESULTS"
-part models 120 "$PY" benchmarks/scan_gpu.py models --out "$RESULTS"
-part profile 40 "$PY" benchmarks/scan_gpu.py profile --out "$RESULTS"
-part tune 60 "$PY" benchmarks/scan_gpu.py tune --out "$RESULTS" --rounds 5
-part compile_check 60 "$PY" benchmarks/triton_compile_check.py --out "$RESULTS/compile_sm90.md"
+part kernels 100 "$PY" benchmarks/scan_gpu.py kernels --out "$RESULTS" $SIZES
+part models 120 "$PY" benchmarks/scan_gpu.py models --out "$RESULTS" $SIZES
+part profile 40 "$PY" benchmarks/scan_gpu.py profile --out "$RESULTS" $SIZES
+part tune 60 "$PY" benchmarks/scan_gpu.py tune --out "$RESULTS" --rounds 5 $SIZES
+part compile_check 60 env -u TRITON_INTERPRET "$PY" benchmarks/triton_compile_check.py --out "$RESULTS/compile_sm90.md"
 
 echo >> "$SUMMARY"
 echo "Total: $(( $(date +%s) - START )) s. Logs and tables in this folder (kernels.md, models.md, profile.md," \

@@ -18,7 +18,8 @@ shape alternate), medians; ratios are medians of per-round ratios. Models follow
 ``mambazoo.bench`` (models interleaved per resolution).
 
 Usage: ``python benchmarks/scan_gpu.py {kernels,tune,models,profile,all} [--out DIR] [--rounds 7]``; the one-command
-GPU check (tests + all parts, time-boxed) is ``benchmarks/gpu_check.sh``.
+GPU check (tests + all parts, time-boxed) is ``benchmarks/gpu_check.sh``. ``--smoke`` runs every part at tiny sizes
+(on CPU under ``TRITON_INTERPRET=1`` when there is no GPU) to check the script itself.
 """
 import argparse
 import json
@@ -36,9 +37,23 @@ from mambazoo import bench
 from mambazoo.ops import causal_conv1d, selective_scan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
-DIM, D_STATE, KERNEL = 384, 16, 4
-BATCHES, LENGTHS = (1, 64), (197, 1025, 6085)
+D_STATE, KERNEL = 16, 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Sizes:
+    """Benchmark sizes (``--smoke`` shrinks them to check the script on a CPU)."""
+
+    dim, batches, lengths, resolutions = 384, (1, 64), (197, 1025, 6085), (224, 512, 1024, 1248)
+    model_batch, train_batch, vim, deit, profile_model = 64, 128, "vim_tiny_patch16_224", "deit_tiny_patch16_224", \
+        "vim_tiny_patch16_224"
+
+    @classmethod
+    def smoke(cls) -> None:
+        cls.dim, cls.batches, cls.lengths, cls.resolutions = 8, (1, 2), (9, 20), (32, 48)
+        cls.model_batch, cls.train_batch, cls.vim, cls.deit, cls.profile_model = 2, 2, "test_vim", "test_vit", \
+            "test_vim"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -46,7 +61,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ----------------------------------------------------------------------------------------------------------------------
 
 def timed(function: Callable[[], None]) -> float:
-    """Milliseconds of one call, measured with CUDA events."""
+    """Milliseconds of one call, measured with CUDA events (wall clock on CPU)."""
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        function()
+        return 1000 * (time.perf_counter() - start)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     function()
@@ -55,12 +74,17 @@ def timed(function: Callable[[], None]) -> float:
     return start.elapsed_time(end)
 
 
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def interleaved(callables: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
     """Per-callable lists of milliseconds, measured round-robin after a warm-up (compilation, autotuning)."""
     for _ in range(warmup):
         for function in callables.values():
             function()
-    torch.cuda.synchronize()
+    synchronize()
     times = {name: [] for name in callables}
     for _ in range(rounds):
         for name, function in callables.items():
@@ -70,10 +94,15 @@ def interleaved(callables: dict[str, Callable[[], None]], rounds: int, warmup: i
 
 def copy_bandwidth_gbs(rounds: int) -> float:
     """Achievable HBM bandwidth: a 1 GiB device-to-device copy (read + write), median GB/s."""
-    source = torch.empty(1 << 28, device="cuda", dtype=torch.float32)
+    source = torch.empty(1 << (28 if DEVICE == "cuda" else 20), device=DEVICE, dtype=torch.float32)
     target = torch.empty_like(source)
     times = interleaved({"copy": lambda: target.copy_(source)}, rounds)["copy"]
     return 2 * source.numel() * 4 / statistics.median(times) / 1e6
+
+
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:
@@ -90,21 +119,23 @@ def scan_bytes(batch: int, length: int, element_size: int, backward: bool) -> in
     Forward: read u, delta, z (B·L·D) and B, C (B·L·N); write y. Backward adds: read u, delta, z, B, C and grad_y;
     write du, ddelta, dz, dB, dC.
     """
-    sequence, projection = batch * length * DIM, batch * length * D_STATE
+    sequence, projection = batch * length * Sizes.dim, batch * length * D_STATE
     forward = (4 * sequence + 2 * projection) * element_size
     return forward + (7 * sequence + 4 * projection) * element_size if backward else forward
 
 
 def scan_inputs(batch: int, length: int, dtype: torch.dtype, requires_grad: bool) -> dict:
     """Vim-Ti-like scan inputs (Mamba init: steps log-uniform in [1e-3, 1e-1]); A, D, bias in float32."""
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=dtype)
+    dim = Sizes.dim
 
-    step = torch.exp(torch.empty(DIM, device="cuda").uniform_(-6.9, -2.3))
-    inputs = dict(u=randn(batch, length, DIM), delta=0.5 * randn(batch, length, DIM),
-                  A=-torch.arange(1, D_STATE + 1, device="cuda", dtype=torch.float32).repeat(DIM, 1),
-                  B=randn(batch, length, D_STATE), C=randn(batch, length, D_STATE), D=torch.ones(DIM, device="cuda"),
-                  z=randn(batch, length, DIM), delta_bias=step + torch.log(-torch.expm1(-step)))
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+    step = torch.exp(torch.empty(dim, device=DEVICE).uniform_(-6.9, -2.3))
+    inputs = dict(u=randn(batch, length, dim), delta=0.5 * randn(batch, length, dim),
+                  A=-torch.arange(1, D_STATE + 1, device=DEVICE, dtype=torch.float32).repeat(dim, 1),
+                  B=randn(batch, length, D_STATE), C=randn(batch, length, D_STATE), D=torch.ones(dim, device=DEVICE),
+                  z=randn(batch, length, dim), delta_bias=step + torch.log(-torch.expm1(-step)))
     return {name: tensor.requires_grad_(requires_grad) for name, tensor in inputs.items()}
 
 
@@ -125,9 +156,9 @@ def scan_callables(batch: int, length: int, dtype: torch.dtype) -> dict[str, Cal
 
 
 def conv_callables(batch: int, length: int, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
-    x = torch.randn(batch, length, DIM, device="cuda", dtype=dtype, requires_grad=True)
-    weight = torch.randn(x.shape[-1], KERNEL, device="cuda", requires_grad=True)
-    bias = torch.randn(x.shape[-1], device="cuda", requires_grad=True)
+    x = torch.randn(batch, length, Sizes.dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = torch.randn(x.shape[-1], KERNEL, device=DEVICE, requires_grad=True)
+    bias = torch.randn(x.shape[-1], device=DEVICE, requires_grad=True)
     grad = torch.randn_like(x)
 
     def forward() -> None:
@@ -146,12 +177,12 @@ def kernels_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     bandwidth = copy_bandwidth_gbs(args.rounds)
     rows = []
     for dtype_name, dtype in DTYPES.items():
-        for batch in BATCHES:
-            for length in LENGTHS:
+        for batch in Sizes.batches:
+            for length in Sizes.lengths:
                 times = interleaved(scan_callables(batch, length, dtype), args.rounds)
                 element = torch.empty((), dtype=dtype).element_size()
                 fwd, both = statistics.median(times["fwd"]), statistics.median(times["fwd_bwd"])
-                segments = [launch_config(batch, length, DIM, torch.device("cuda"), backward).n_seg
+                segments = [launch_config(batch, length, Sizes.dim, torch.device(DEVICE), backward).n_seg
                             for backward in (False, True)]
                 rows.append(dict(op="scan", dtype=dtype_name, batch=batch, length=length, fwd_ms=round(fwd, 4),
                                  fwd_gbs=round(scan_bytes(batch, length, element, False) / fwd / 1e6),
@@ -162,22 +193,24 @@ def kernels_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
                                  fwd_bwd_over_fwd=round(median_ratio(times["fwd_bwd"], times["fwd"]), 2),
                                  segments_fwd_bwd=f"{segments[0]}/{segments[1]}"))
                 print(rows[-1], flush=True)
-                torch.cuda.empty_cache()
-        for batch, length in ((64, 197), (64, 1025), (1, 6085)):
+                empty_cache()
+        for batch, length in ((Sizes.batches[-1], Sizes.lengths[0]), (Sizes.batches[-1], Sizes.lengths[1]),
+                              (Sizes.batches[0], Sizes.lengths[-1])):
             times = interleaved(conv_callables(batch, length, dtype), args.rounds)
             element = torch.empty((), dtype=dtype).element_size()
-            moved = 2 * batch * length * DIM * element  # read x, write y
+            moved = 2 * batch * length * Sizes.dim * element  # read x, write y
             fwd, both = statistics.median(times["fwd"]), statistics.median(times["fwd_bwd"])
             rows.append(dict(op="conv1d k4 reverse", dtype=dtype_name, batch=batch, length=length,
                              fwd_ms=round(fwd, 4), fwd_gbs=round(moved / fwd / 1e6),
                              fwd_pct_copy_bw=round(100 * moved / fwd / 1e6 / bandwidth, 1), fwd_bwd_ms=round(both, 4),
-                             fwd_bwd_gbs=round(5 * batch * length * DIM * element / both / 1e6),
+                             fwd_bwd_gbs=round(5 * batch * length * Sizes.dim * element / both / 1e6),
                              fwd_bwd_over_fwd=round(median_ratio(times["fwd_bwd"], times["fwd"]), 2)))
             print(rows[-1], flush=True)
     notes = [f"Copy bandwidth measured in this run: **{bandwidth:.0f} GB/s** (1 GiB device-to-device copy).",
              "GB/s = minimal IO / time (`scan_bytes`: fwd reads u, delta, z, B, C and writes y; fwd+bwd adds the "
-             "backward's reads and writes; conv: fwd reads x and writes y, fwd+bwd 5 passes). Scan shapes: D = 384, "
-             "N = 16, z, D, delta_bias + softplus, forward direction; conv: 384 channels, kernel 4, reverse, SiLU. "
+             f"backward's reads and writes; conv: fwd reads x and writes y, fwd+bwd 5 passes). Scan shapes: D = "
+             f"{Sizes.dim}, N = 16, z, D, delta_bias + softplus, forward direction; conv: {Sizes.dim} channels, "
+             "kernel 4, reverse, SiLU. "
              f"Median of {args.rounds} interleaved rounds (CUDA events). segments = sequence segments of the forward/"
              "backward launch (1 = not split)."]
     return notes, rows
@@ -194,7 +227,7 @@ def tune_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     variations += [dict(target_programs_per_sm=target) for target in (4, 16)]
     variations += [dict(split_below_programs_per_sm=8)]
     rows = []
-    for batch, length in ((64, 1025), (1, 6085)):
+    for batch, length in ((Sizes.batches[-1], Sizes.lengths[1]), (Sizes.batches[0], Sizes.lengths[-1])):
         for change in variations:
             triton_scan.TUNING.update(defaults, **change)
             times = interleaved(scan_callables(batch, length, torch.float32), args.rounds)
@@ -203,8 +236,8 @@ def tune_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
                              fwd_bwd_ms=round(statistics.median(times["fwd_bwd"]), 4)))
             print(rows[-1], flush=True)
     triton_scan.TUNING.update(defaults)
-    notes = [f"Defaults: {defaults}. float32, D = 384, N = 16; median of {args.rounds} rounds per configuration "
-             "(configurations run one after the other, so compare within a shape only)."]
+    notes = [f"Defaults: {defaults}. float32, D = {Sizes.dim}, N = 16; median of {args.rounds} rounds per "
+             "configuration (configurations run one after the other, so compare within a shape only)."]
     return notes, rows
 
 
@@ -213,16 +246,19 @@ def tune_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 def models_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
-    common = dict(device="cuda", precision="amp", amp_dtype="bfloat16", repeats=args.model_rounds,
+    common = dict(device=DEVICE, precision="amp", amp_dtype="bfloat16", repeats=args.model_rounds,
                   num_warm_iter=3, num_bench_iter=args.model_iters, progress=False)
-    rows = bench.sweep(["vim_tiny_patch16_224", "deit_tiny_patch16_224:math", "deit_tiny_patch16_224"],
-                       [224, 512, 1024, 1248], batch_size=64, baseline="deit_tiny_patch16_224", **common)
-    rows += bench.sweep(["vim_small_patch16_224", "plainmamba_l1", "mambaout_femto", "deit_small_patch16_224",
-                         "deit_tiny_patch16_224"], [224], batch_size=64, baseline="deit_tiny_patch16_224", **common)
-    for name in ("vim_tiny_patch16_224", "deit_tiny_patch16_224"):
-        row = bench.benchmark(name, batch_size=128, img_size=224, bench="train", device="cuda", precision="amp",
-                              amp_dtype="bfloat16", num_warm_iter=3, num_bench_iter=args.model_iters,
-                              count_gmacs=False)
+    vim, deit, size = Sizes.vim, Sizes.deit, Sizes.resolutions[0]
+    rows = bench.sweep([vim, f"{deit}:math", deit], list(Sizes.resolutions), batch_size=Sizes.model_batch,
+                       baseline=deit, **common)
+    others = ["vim_small_patch16_224", "plainmamba_l1", "mambaout_femto", "deit_small_patch16_224"]
+    others = others if DEVICE == "cuda" else ["test_plainmamba", "test_mambaout"]
+    rows += bench.sweep(others + [deit], [size if DEVICE == "cuda" else 64], batch_size=Sizes.model_batch,
+                        baseline=deit, **common)
+    for name in (vim, deit):
+        row = bench.benchmark(name, batch_size=Sizes.train_batch, img_size=size, bench="train", device=DEVICE,
+                              precision="amp", amp_dtype="bfloat16", num_warm_iter=3,
+                              num_bench_iter=args.model_iters, count_gmacs=False)
         rows.append(dict(row, label=f"{name} (train)"))
         print(rows[-1], flush=True)
     notes = ["Inference: bf16 autocast, batch 64, `mambazoo.bench.sweep` (timm benchmark.py method, models "
@@ -236,33 +272,37 @@ def profile_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
     import timm
     from torch.profiler import ProfilerActivity, profile
 
-    model = timm.create_model("vim_tiny_patch16_224").cuda().train()
-    images = torch.randn(128, 3, 224, 224, device="cuda")
-    targets = torch.randint(0, 1000, (128,), device="cuda")
+    size = Sizes.resolutions[0]
+    model = timm.create_model(Sizes.profile_model, img_size=size).to(DEVICE).train()
+    images = torch.randn(Sizes.train_batch, 3, size, size, device=DEVICE)
+    targets = torch.randint(0, model.num_classes, (Sizes.train_batch,), device=DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(images), targets)
         loss.backward()
         optimizer.step()
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+    synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as profiler:
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-    events = [event for event in profiler.key_averages() if event.self_device_time_total > 0]
-    total = sum(event.self_device_time_total for event in events)
-    events.sort(key=lambda event: -event.self_device_time_total)
-    rows = [dict(kernel=event.key[:90], calls=event.count // 3, gpu_ms_per_step=round(event.self_device_time_total
-                                                                                       / 3 / 1000, 3),
-                 share_pct=round(100 * event.self_device_time_total / total, 1)) for event in events[:30]]
-    notes = [f"Vim-Ti training step, batch 128, 224 px, bf16 autocast, SGD; 3 profiled steps after 3 warm-up steps. "
-             f"GPU time per step: {total / 3 / 1000:.2f} ms (sum of kernel self times). Top 30 kernels by GPU time."]
+        synchronize()
+    # GPU kernels by their device time; on CPU (smoke runs) the operators by their own CPU time.
+    own_time = (lambda e: e.self_device_time_total) if DEVICE == "cuda" else (lambda e: e.self_cpu_time_total)
+    events = [event for event in profiler.key_averages() if own_time(event) > 0]
+    total = sum(own_time(event) for event in events)
+    events.sort(key=lambda event: -own_time(event))
+    rows = [dict(kernel=event.key[:90], calls=event.count // 3, ms_per_step=round(own_time(event) / 3 / 1000, 3),
+                 share_pct=round(100 * own_time(event) / total, 1)) for event in events[:30]]
+    notes = [f"{Sizes.profile_model} training step, batch {Sizes.train_batch}, {size} px, bf16 autocast, SGD; 3 "
+             f"profiled steps after 3 warm-up steps. {DEVICE.upper()} time per step: {total / 3 / 1000:.2f} ms (sum of "
+             "kernel self times). Top 30 by time."]
     return notes, rows
 
 
@@ -273,9 +313,12 @@ def profile_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
 def machine() -> dict:
     import triton
 
-    properties = torch.cuda.get_device_properties(0)
-    return dict(bench.machine_description("cuda"), gpu_memory_gib=round(properties.total_memory / 2**30),
-                sms=properties.multi_processor_count, cuda=torch.version.cuda, triton=triton.__version__)
+    description = dict(bench.machine_description(DEVICE), triton=triton.__version__)
+    if DEVICE == "cuda":
+        properties = torch.cuda.get_device_properties(0)
+        description.update(gpu_memory_gib=round(properties.total_memory / 2**30),
+                           sms=properties.multi_processor_count, cuda=torch.version.cuda)
+    return description
 
 
 def write(out: Path, part: str, notes: list[str], rows: list[dict], seconds: float) -> None:
@@ -301,9 +344,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per kernel shape")
     parser.add_argument("--model-rounds", type=int, default=3, help="interleaved rounds per resolution (models)")
     parser.add_argument("--model-iters", type=int, default=10, help="timed steps per model and round")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script (CPU: TRITON_INTERPRET=1)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.smoke:
+        Sizes.smoke()
+    elif DEVICE != "cuda":
         sys.exit("scan_gpu.py needs a CUDA device (none found); the CPU scan benchmark is benchmarks/scan.py")
+    if DEVICE != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("without a GPU the smoke run needs TRITON_INTERPRET=1 (the Triton kernels run interpreted)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     for part in PARTS if args.part == "all" else [args.part]:
