@@ -186,10 +186,10 @@ def selective_scan_triton_forward(
     d_state = A.shape[1]
     n_chunks = triton.cdiv(length, CHUNK_SIZE)
     y = torch.empty((batch, length, dim), dtype=u.dtype, device=u.device)
-    last_state = torch.zeros((batch, dim, d_state), dtype=torch.float32, device=u.device)
     chunk_states = torch.empty((batch, n_chunks, d_state, dim), dtype=torch.float32, device=u.device)
     if y.numel() == 0:
-        return y, last_state, chunk_states
+        return y, torch.zeros((batch, dim, d_state), dtype=torch.float32, device=u.device), chunk_states
+    last_state = torch.empty((batch, dim, d_state), dtype=torch.float32, device=u.device)
     config = launch_config(batch, length, dim, u.device, backward=False)
     constants = _common_constants(d_state, config, B, C, D, z, delta_bias, delta_softplus, reverse)
     n_blocks = triton.cdiv(dim, config.block_d)
@@ -232,8 +232,8 @@ def selective_scan_triton_backward(
     config = launch_config(batch, max(length, 1), dim, device, backward=True)
     n_blocks = triton.cdiv(dim, config.block_d)
 
-    def fp32(*shape: int) -> Tensor:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
+    def fp32(*shape: int) -> Tensor:  # every element is written by the kernel unless nothing runs
+        return (torch.empty if batch * length * dim else torch.zeros)(shape, dtype=torch.float32, device=device)
 
     du = torch.empty((batch, length, dim), dtype=u.dtype, device=device)
     ddelta = torch.empty((batch, length, dim), dtype=delta.dtype, device=device)
