@@ -397,6 +397,19 @@ def test_conv_half_precision_and_strided_input():
 
 
 @needs_kernels
+def test_capability_table_routes_cuda_convs_to_triton_within_its_kernel_limit():
+    from mambazoo.ops import triton_conv
+    from mambazoo.ops.capabilities import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("causal_conv1d", "auto", cuda, torch.bfloat16, kernel_size=4) == "triton"
+    assert resolve_backend("causal_conv1d", "auto", cuda, torch.float32,
+                           kernel_size=triton_conv.MAX_KERNEL + 1) == "torch"
+    assert resolve_backend("causal_conv1d", "auto", cpu, torch.float32, kernel_size=4) != "triton"
+    assert resolve_backend("causal_conv1d", "auto", cuda, torch.float64, kernel_size=4) == "torch"
+
+
+@needs_kernels
 def test_conv_custom_op_passes_opcheck_and_accepts_an_empty_batch():
     x = torch.randn(2, 9, 5, device=DEVICE, requires_grad=True)
     weight, bias = torch.randn(5, 4, device=DEVICE, requires_grad=True), torch.randn(5, device=DEVICE)

@@ -35,7 +35,7 @@ def causal_conv1d_torch(
     return y.transpose(1, 2)
 
 
-def _compiled_conv_op(name: str, forward: Callable, backward: Callable):
+def _compiled_conv_op(name: str, forward: Callable, backward: Callable) -> Callable:
     """A compiled conv kernel as the custom op ``mambazoo::causal_conv1d_<name>`` with its autograd formula.
 
     ``forward(x, weight, bias, silu, reverse)`` returns y; ``backward(grad_y, x, weight, bias, silu, reverse)``
