@@ -27,7 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .ops import causal_conv1d  # noqa: F401  (registers mambazoo::causal_conv1d_native)
+from .ops import causal_conv1d  # noqa: F401  (registers the mambazoo::causal_conv1d_<kernel> ops)
 from .ops.selective_scan import route_through_custom_op
 
 __all__ = ["SCAN_MACS_PER_ELEMENT", "MacCount", "attention_macs", "count_macs", "count_model_macs", "scan_macs"]
@@ -65,6 +65,7 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -
 _CUSTOM_FLOPS: dict = {
     _SCAN_OP: _scan_flops,
     torch.ops.mambazoo.causal_conv1d_native: _causal_conv1d_flops,
+    torch.ops.mambazoo.causal_conv1d_triton: _causal_conv1d_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
 }
 
