@@ -2,7 +2,10 @@
 from .causal_conv1d import causal_conv1d
 from . import capabilities
 from .selective_scan import BACKENDS, available_backends, backend_status, selective_scan
+from .state_scan import state_scan
 
-backend_status()  # load the compiled backends now, not inside a function that torch.compile is tracing
+for _op in capabilities.CAPABILITIES:  # load the compiled backends now, not inside a function torch.compile traces
+    capabilities.backend_status(_op)
 
-__all__ = ["BACKENDS", "available_backends", "backend_status", "capabilities", "causal_conv1d", "selective_scan"]
+__all__ = ["BACKENDS", "available_backends", "backend_status", "capabilities", "causal_conv1d", "selective_scan",
+           "state_scan"]
