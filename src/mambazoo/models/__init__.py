@@ -1,3 +1,4 @@
 """Model families; importing a module registers its models in timm's registry."""
 from . import plainmamba
+from . import spatialmamba
 from . import vim
