@@ -35,6 +35,10 @@ FUSION_DILATIONS = (1, 3, 5)
 MERGED_KERNEL_SIZE = 2 * FUSION_DILATIONS[-1] + 1  # 11
 
 
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def _without_autocast(device_type: str) -> ContextManager:
     """Switch autocast off (the states and their fusion stay float32) where it is on."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -105,17 +109,20 @@ class StateFusion(nn.Module):
         self.alpha = nn.Parameter(torch.ones(3, **dd))
 
     def forward(self, states: Tensor) -> Tensor:
-        """Fuse hidden states (B, D, H, W); returns float32 (B, D, H, W)."""
+        """Fuse hidden states (B, D, H, W); returns float32 (float64 for float64 states) (B, D, H, W)."""
         with _without_autocast(states.device.type):
-            kernels = [k.float() for k in (self.kernel_3, self.kernel_3_1, self.kernel_3_2)]
+            dtype = _at_least_float32(states).dtype
+            kernels = [k.to(dtype) for k in (self.kernel_3, self.kernel_3_1, self.kernel_3_2)]
             fuse = fuse_states_merged if self.merged_kernel else fuse_states
-            return fuse(states.float(), kernels, self.alpha.float())
+            return fuse(states.to(dtype), kernels, self.alpha.to(dtype))
 
 
-@register_notrace_function
-def _hidden_states(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Tensor, backend: str) -> Tensor:
-    """Every state of the raster scan (a leaf for FX tracing: the scan checks its inputs' values)."""
-    return state_scan(u, delta, A, B, delta_bias, delta_softplus=True, backend=backend)
+@register_notrace_function  # a leaf for FX tracing (the scan checks its inputs' values); FX skips _private names
+def scan_hidden_states(u: Tensor, delta: Tensor, A_log: Tensor, B: Tensor, delta_bias: Tensor, backend: str) -> Tensor:
+    """Every state of the raster scan with A = -exp(A_log) (:func:`mambazoo.ops.state_scan`; float32 parameters, or
+    float64 in a float64 model)."""
+    A = -torch.exp(_at_least_float32(A_log))
+    return state_scan(u, delta, A, B, _at_least_float32(delta_bias), delta_softplus=True, backend=backend)
 
 
 class StructureAwareSSM(nn.Module):
@@ -192,11 +199,11 @@ class StructureAwareSSM(nn.Module):
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
         u = x.reshape(batch, height * width, inner)
         dt, B, C = F.linear(u, self.x_proj_weight).split([self.dt_rank, 1, 1], dim=-1)
-        states = _hidden_states(u, F.linear(dt, self.dt_projs_weight), -torch.exp(self.A_logs.float()), B,
-                                self.dt_projs_bias.float(), self.scan_backend)
+        delta = F.linear(dt, self.dt_projs_weight)
+        states = scan_hidden_states(u, delta, self.A_logs, B, self.dt_projs_bias, self.scan_backend)
         states = states.view(batch, height, width, inner).permute(0, 3, 1, 2)
         fused = self.state_fusion(states).permute(0, 2, 3, 1)
-        y = fused * C.view(batch, height, width, 1) + x * self.Ds.float()
+        y = fused * C.view(batch, height, width, 1) + x * self.Ds
         y = self.out_norm(y.to(x.dtype)) * F.silu(z)
         return self.out_proj(y)
 
@@ -420,7 +427,7 @@ class SpatialMamba(nn.Module):
         return dict(
             stem=r"^patch_embed",
             blocks=r"^layers\.(\d+)" if coarse else [
-                (r"^layers\.(\d+)\.downsample", (0,)),
+                (r"^layers\.(\d+)\.downsample", (99998,)),  # after the stage's blocks, which it follows
                 (r"^layers\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm", (99999,)),
             ],

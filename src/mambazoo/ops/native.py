@@ -7,8 +7,9 @@ imported before it is loaded, so its ``libgomp.so.1`` dependency resolves to the
 
 ``AVAILABLE`` tells whether the library loaded; ``UNAVAILABLE_REASON`` says why not (no compiler at install time,
 ``MAMBAZOO_DISABLE_NATIVE=1``, ...). When it loads, the scan kernels are registered as ``"native"`` with
-:func:`mambazoo.ops.fused.register_kernel` and :func:`mambazoo.ops.fused_state_scan.register_state_kernel`. float16/bfloat16 (and float64) inputs are computed in float32; outputs
-and gradients come back in the dtype of the corresponding input.
+:func:`mambazoo.ops.fused.register_kernel` and :func:`mambazoo.ops.fused_state_scan.register_state_kernel`.
+float16/bfloat16 (and float64) inputs are computed in float32; outputs and gradients come back in the dtype of the
+corresponding input (the all-states scan returns float32 states).
 """
 import ctypes
 import importlib.util
