@@ -9,8 +9,8 @@ from . import bench as bench_engine
 from .flops import count_model_macs
 from .zoo import MODEL_INFO, check_model_name, list_models
 
-DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambaout_femto", "deit_tiny_patch16_224:math",
-                   "deit_tiny_patch16_224")
+DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "spatialmamba_t", "mambaout_femto",
+                   "deit_tiny_patch16_224:math", "deit_tiny_patch16_224")
 DEMO_RESOLUTIONS = (224, 512, 768, 1024, 1248)
 VIM, DEIT_SDPA, DEIT_MATH = "vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:math"
 

@@ -148,9 +148,9 @@ MODEL_INFO: dict[str, ModelInfo] = {info.name: info for info in (
     _info("mambavision_b", "mambavision", _MAMBAVISION, 84.2, 97_685_288, 15.0, "specs/mambavision.md §7"),
     _info("mambavision_l", "mambavision", _MAMBAVISION, 85.0, 227_961_048, 34.9, "specs/mambavision.md §7"),
     _info("mambavision_l2", "mambavision", _MAMBAVISION, 85.3, 241_554_824, 37.5, "specs/mambavision.md §7"),
-    _info("spatialmamba_t", "spatialmamba", _SPATIAL, 83.5, 26_748_862, 4.5, "specs/spatialmamba.md §1"),
-    _info("spatialmamba_s", "spatialmamba", _SPATIAL, 84.6, 43_074_280, 7.1, "specs/spatialmamba.md §1"),
-    _info("spatialmamba_b", "spatialmamba", _SPATIAL, 85.3, 95_745_592, 15.8, "specs/spatialmamba.md §1"),
+    _info("spatialmamba_t", "spatialmamba", _SPATIAL, 83.5, 26_748_862, 4.5, "docs/spatialmamba.md"),
+    _info("spatialmamba_s", "spatialmamba", _SPATIAL, 84.6, 43_074_280, 7.1, "docs/spatialmamba.md"),
+    _info("spatialmamba_b", "spatialmamba", _SPATIAL, 85.3, 95_745_592, 15.8, "docs/spatialmamba.md"),
 )}
 
 
