@@ -59,7 +59,7 @@ def fuse_states(states: Tensor, kernels: Sequence[Tensor], alpha: Tensor) -> Ten
     fused = None
     for weight, kernel, dilation in zip(alpha.unbind(), kernels, FUSION_DILATIONS):
         padded = F.pad(states, (dilation,) * 4, mode="replicate")
-        term = weight * F.conv2d(padded, kernel, dilation=dilation, groups=states.shape[1])
+        term = F.conv2d(padded, weight * kernel, dilation=dilation, groups=states.shape[1])  # alpha folded in
         fused = term if fused is None else fused + term
     return fused
 
@@ -192,19 +192,20 @@ class StructureAwareSSM(nn.Module):
         """Mix (B, H, W, C) tokens; returns the same shape."""
         batch, height, width, _ = x.shape
         inner = self.d_inner
-        # the x and z halves of in_proj separately: each is a contiguous (B, H, W, D) tensor, which permuted is a
-        # channels_last NCHW view that conv2d takes without a copy
+        # The x and z halves of in_proj are separate contiguous (B, H, W, D) tensors: permuted, x is a channels_last
+        # NCHW view that conv2d takes without a copy; z is computed only when needed, and no (B, H, W, D) tensor is
+        # held longer than necessary (peak memory at detection resolutions).
         weight = self.in_proj.weight
-        x, z = F.linear(x, weight[:inner]), F.linear(x, weight[inner:])
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-        u = x.reshape(batch, height * width, inner)
-        dt, B, C = F.linear(u, self.x_proj_weight).split([self.dt_rank, 1, 1], dim=-1)
-        delta = F.linear(dt, self.dt_projs_weight)
-        states = scan_hidden_states(u, delta, self.A_logs, B, self.dt_projs_bias, self.scan_backend)
-        states = states.view(batch, height, width, inner).permute(0, 3, 1, 2)
-        fused = self.state_fusion(states).permute(0, 2, 3, 1)
-        y = fused * C.view(batch, height, width, 1) + x * self.Ds
-        y = self.out_norm(y.to(x.dtype)) * F.silu(z)
+        u = F.silu(self.conv2d(F.linear(x, weight[:inner]).permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+        tokens = u.reshape(batch, height * width, inner)
+        dt, B, C = F.linear(tokens, self.x_proj_weight).split([self.dt_rank, 1, 1], dim=-1)
+        states = scan_hidden_states(tokens, F.linear(dt, self.dt_projs_weight), self.A_logs, B, self.dt_projs_bias,
+                                    self.scan_backend)
+        fused = self.state_fusion(states.view(batch, height, width, inner).permute(0, 3, 1, 2))
+        del states
+        y = torch.addcmul(u * self.Ds, fused.permute(0, 2, 3, 1), C.view(batch, height, width, 1))
+        del fused
+        y = self.out_norm(y.to(u.dtype)) * F.silu(F.linear(x, weight[inner:]))
         return self.out_proj(y)
 
 
