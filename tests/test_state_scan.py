@@ -142,6 +142,18 @@ def test_long_sequence_values_and_gradients(backend, reverse):
     assert_matches_reference(make_inputs(1, 3136, 20, seed=5), backend, reverse=reverse)
 
 
+@needs_native
+def test_detection_length_sequence_native_matches_float64_torch():
+    # L = 67,000 (a whole ~1036 px image at stride 4): native float32 vs the float64 torch backend (itself checked
+    # against the sequential loop above), values and every gradient.
+    inputs = make_inputs(1, 67_000, 20, seed=15)
+    expected, expected_grads = states_and_grads(cast(inputs, torch.float64, leaves=True), "torch", reverse=True)
+    states, grads = states_and_grads(cast(inputs, torch.float32, leaves=True), "native", reverse=True)
+    assert relative_error(states, expected) < 2e-6
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) < 2e-5, name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_steps_stay_finite_and_exact(backend):
     inputs = make_inputs(2, 301, 18, stress=True, seed=6)
