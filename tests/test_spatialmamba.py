@@ -401,3 +401,22 @@ def test_torch_export_matches_eager_and_keeps_one_scan_op_per_block():
         targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
         assert sum("state_scan" in target for target in targets) == 4  # one per block, no graph break
         torch.testing.assert_close(exported.module()(images), model(images))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(compile_backend):
+    torch._dynamo.reset()
+    model = _randomise(timm.create_model("test_spatialmamba"), seed=14).train()
+    for module in model.modules():  # deterministic training-mode forward: BN batch statistics, no stochastic depth
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.track_running_stats = False
+    images = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+    eager_out = model(images)
+    eager_grad = torch.autograd.grad(eager_out.square().sum(), model.layers[1].blocks[0].self_attention.A_logs)[0]
+    compiled_out = compiled(images)
+    compiled_grad = torch.autograd.grad(compiled_out.square().sum(),
+                                        model.layers[1].blocks[0].self_attention.A_logs)[0]
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-3, atol=1e-6)

@@ -29,7 +29,7 @@ from ..checkpoint import load_checkpoint_file
 from ..ops import state_scan
 
 __all__ = ["SpatialMamba", "SpatialMambaBlock", "StateFusion", "StructureAwareSSM", "checkpoint_filter_fn",
-           "fuse_states", "merged_fusion_kernel"]
+           "fuse_states", "fuse_states_merged", "merged_fusion_kernel", "replicate_pad"]
 
 FUSION_DILATIONS = (1, 3, 5)
 MERGED_KERNEL_SIZE = 2 * FUSION_DILATIONS[-1] + 1  # 11
@@ -46,6 +46,21 @@ def _without_autocast(device_type: str) -> ContextManager:
     return contextlib.nullcontext()
 
 
+def replicate_pad(states: Tensor, pad: int) -> Tensor:
+    """Replicate (edge-clamp) padding of (B, D, H, W) states by ``pad`` on every side.
+
+    Under ``torch.compile`` the padding is an index gather instead: inductor's backward of ``F.pad(mode="replicate")``
+    on channels_last tensors fails its stride check (the op's meta kernel and its CPU kernel disagree on the layout of
+    the input gradient, PyTorch 2.14).
+    """
+    if not torch.compiler.is_compiling():
+        return F.pad(states, (pad,) * 4, mode="replicate")
+    height, width = states.shape[-2:]
+    rows = torch.arange(-pad, height + pad, device=states.device).clamp(0, height - 1)
+    cols = torch.arange(-pad, width + pad, device=states.device).clamp(0, width - 1)
+    return states.index_select(2, rows).index_select(3, cols)
+
+
 def fuse_states(states: Tensor, kernels: Sequence[Tensor], alpha: Tensor) -> Tensor:
     """Structure-aware state fusion as three depthwise 3×3 convolutions.
 
@@ -58,8 +73,8 @@ def fuse_states(states: Tensor, kernels: Sequence[Tensor], alpha: Tensor) -> Ten
     """
     fused = None
     for weight, kernel, dilation in zip(alpha.unbind(), kernels, FUSION_DILATIONS):
-        padded = F.pad(states, (dilation,) * 4, mode="replicate")
-        term = F.conv2d(padded, weight * kernel, dilation=dilation, groups=states.shape[1])  # alpha folded in
+        term = F.conv2d(replicate_pad(states, dilation), weight * kernel, dilation=dilation,
+                        groups=states.shape[1])  # alpha folded into the kernel
         fused = term if fused is None else fused + term
     return fused
 
@@ -80,7 +95,7 @@ def merged_fusion_kernel(kernels: Sequence[Tensor], alpha: Tensor) -> Tensor:
 
 def fuse_states_merged(states: Tensor, kernels: Sequence[Tensor], alpha: Tensor) -> Tensor:
     """:func:`fuse_states` computed with the merged 11×11 kernel (rebuilt from ``kernels`` and ``alpha``)."""
-    padded = F.pad(states, (MERGED_KERNEL_SIZE // 2,) * 4, mode="replicate")
+    padded = replicate_pad(states, MERGED_KERNEL_SIZE // 2)
     return F.conv2d(padded, merged_fusion_kernel(kernels, alpha), groups=states.shape[1])
 
 
