@@ -8,7 +8,7 @@ so that the released checkpoints load unchanged. Each block scans the whole imag
 one-dimensional state (N = 1) and keeps *every* hidden state (:func:`mambazoo.ops.state_scan`); the states, as an
 image, go through the structure-aware state fusion (three dilated depthwise 3×3 convolutions with replicate padding,
 :class:`StateFusion`) before the read-out. Differences from the official code: no custom CUDA kernels (the scan runs
-on every backend of :mod:`mambazoo.ops`), the fused kernel is rebuilt from the current weights on every call instead
+on every backend of :mod:`mambazoo.ops`), the state fusion is computed from the current weights on every call instead
 of being cached in eval mode (the cache goes stale when weights change), and the timm model contract.
 """
 import contextlib
