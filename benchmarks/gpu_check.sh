@@ -63,7 +63,7 @@ print({op: ops.capabilities.backend_status(op) for op in ops.capabilities.CAPABI
 "
 # Correctness first: every CUDA test of the Triton kernels (67k-token N=1 sequence, determinism, torch.compile).
 # shellcheck disable=SC2086  # $XDIST and $SIZES are lists of options
-part tests 150 "$PY" -m pytest -q -x $XDIST -p no:cacheprovider tests/test_triton.py -k "not under_the_interpreter"
+part tests 150 "$PY" -m pytest -q -x $XDIST -p no:cacheprovider tests/test_triton.py tests/test_triton_state_scan.py -k "not under_the_interpreter"
 part kernels 100 "$PY" benchmarks/scan_gpu.py kernels --out "$RESULTS" $SIZES
 part models 120 "$PY" benchmarks/scan_gpu.py models --out "$RESULTS" $SIZES
 part profile 40 "$PY" benchmarks/scan_gpu.py profile --out "$RESULTS" $SIZES

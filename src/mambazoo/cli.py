@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
 
-DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambavision_t", "mambaout_femto",
+DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambavision_t", "spatialmamba_t", "mambaout_femto",
                    "deit_tiny_patch16_224:math", "deit_tiny_patch16_224")
 DEMO_RESOLUTIONS = (224, 512, 768, 1024, 1248)
 # Subcommands handled by their own modules (flags: ``mambazoo train --help``; docs/training.md).

@@ -73,6 +73,12 @@ CAPABILITIES: dict[str, tuple[Backend, ...]] = {
         Backend("native", limits=(("kernel_size", "MAX_KERNEL"),), **_NATIVE),
         Backend("torch"),
     ),
+    "state_scan": (
+        Backend("triton", **dict(_TRITON, module="mambazoo.ops.triton_state_scan")),
+        Backend("native", **_NATIVE),
+        Backend("torch"),
+        Backend("reference", auto=False),
+    ),
 }
 
 # Filled once per (op, backend) on first use; plain dict lookups afterwards, so torch.compile traces dispatch.
