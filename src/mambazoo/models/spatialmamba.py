@@ -27,6 +27,8 @@ from timm.layers import DropPath, Mlp, calculate_drop_path_rates, register_notra
 from timm.models import generate_default_cfgs, register_model
 
 from ..checkpoint import build_model_with_checkpoint, check_state_dict
+from ..layers.intermediates import resolve_indices
+from ..layers.ssm_init import init_step_projection_
 from ..layers.tracing import check_image_batch
 from ..ops import capabilities, state_scan
 
@@ -197,12 +199,8 @@ class StructureAwareSSM(nn.Module):
     def reset_ssm_parameters(self) -> None:
         """The official initialisation of the raw SSM parameters: ``x_proj_weight`` as nn.Linear's default, the
         Mamba step initialisation (weights U(±rank^-0.5), bias = softplus⁻¹ of a log-uniform step), A = -1, D = 1."""
-        dt_min, dt_max, dt_floor = self._dt_range
         nn.init.kaiming_uniform_(self.x_proj_weight, a=math.sqrt(5))
-        nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        log_dt = torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = log_dt.exp().clamp(min=dt_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_step_projection_(self.dt_projs_weight, self.dt_projs_bias, *self._dt_range)
         self.A_logs.zero_()
         self.Ds.fill_(1.0)
 
@@ -344,22 +342,6 @@ class SpatialMambaStage(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_blocks(x)
         return x if self.downsample is None else self.downsample(x)
-
-
-def _take_indices(num_stages: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
-    """Stage indices to tap (None: all, int n: the last n, sequence: those, negative counting from the end)."""
-    if indices is None:
-        taken = list(range(num_stages))
-    elif isinstance(indices, int):
-        if not 0 < indices <= num_stages:
-            raise ValueError(f"indices as a count must be in 1..{num_stages}, got {indices}")
-        taken = list(range(num_stages - indices, num_stages))
-    else:
-        taken = [index % num_stages if -num_stages <= index < num_stages else None for index in indices]
-        if not taken or None in taken:
-            raise ValueError(f"indices must be stage indices in -{num_stages}..{num_stages - 1}, got {indices}")
-        taken = sorted(set(taken))
-    return taken, taken[-1]
 
 
 class SpatialMamba(nn.Module):
@@ -514,7 +496,7 @@ class SpatialMamba(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = _take_indices(len(self.layers), indices)
+        take_indices, max_index = resolve_indices(len(self.layers), indices)
         last = max_index if stop_early or intermediates_only else len(self.layers) - 1
         x = self.patch_embed(x)
         intermediates = []
@@ -536,7 +518,7 @@ class SpatialMamba(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages after the last tapped one and its downsample (and optionally the norm and head)."""
-        take_indices, max_index = _take_indices(len(self.layers), indices)
+        take_indices, max_index = resolve_indices(len(self.layers), indices)
         pruned_end = max_index < len(self.layers) - 1
         self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = None
