@@ -1,17 +1,24 @@
 """Native CPU kernels (``csrc/``): the fused selective scan and the causal depthwise conv1d, loaded with ctypes.
 
-The shared library is built by ``setup.py`` as an optional extension (plain C + OpenMP, no PyTorch headers). torch is
-imported before it is loaded, so its ``libgomp.so.1`` dependency resolves to the OpenMP runtime torch already loaded
-(one thread pool, no oversubscription); every call passes ``torch.get_num_threads()`` as its thread count.
+The shared library ``libmambazoo_native.so`` is built by ``setup.py`` (plain C + OpenMP, no Python or PyTorch
+headers). It holds every kernel once per instruction set -- ``avx512``, ``avx2`` (with FMA) and ``portable`` on
+x86-64, ``portable`` elsewhere -- and this module binds the best variant the CPU supports, or the one named by
+``MAMBAZOO_NATIVE_ISA`` (``avx512``, ``avx2`` or ``portable``; for tests and benchmarks). :data:`ISA` is the variant in
+use; :func:`describe` says everything about the build. ``MAMBAZOO_NATIVE_LIBRARY`` loads another build of the library
+(CI uses it to test a clang build next to the installed GCC one). See docs/native.md.
+
+torch is imported before the library is loaded, so a GCC build's ``libgomp.so.1`` dependency resolves to the OpenMP
+runtime torch already loaded (one thread pool, no oversubscription); every call passes ``torch.get_num_threads()`` as
+its thread count.
 
 ``AVAILABLE`` tells whether the library loaded; ``UNAVAILABLE_REASON`` says why not (no compiler at install time,
-``MAMBAZOO_DISABLE_NATIVE=1``, ...). When it loads, the scan kernel is registered as ``"native"`` with
-:func:`mambazoo.ops.fused.register_kernel`. float16/bfloat16 (and float64) inputs are computed in float32; outputs
-and gradients come back in the dtype of the corresponding input.
+``MAMBAZOO_DISABLE_NATIVE=1``, an ISA the CPU lacks, ...). When it loads, the scan kernel is registered as
+``"native"`` with :func:`mambazoo.ops.fused.register_kernel`. float16/bfloat16 (and float64) inputs are computed in
+float32; outputs and gradients come back in the dtype of the corresponding input.
 """
 import ctypes
-import importlib.util
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -19,11 +26,16 @@ from torch import Tensor
 
 from .fused import FusedKernel, register_kernel
 
-__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "scan_forward", "scan_backward",
-           "conv_forward", "conv_backward"]
+__all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ISA", "ISAS", "COMPILED_ISAS", "RUNNABLE_ISAS", "LIBRARY_PATH",
+           "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "describe", "scan_forward", "scan_backward", "conv_forward",
+           "conv_backward"]
 
 CHUNK_SIZE = 64
+ISAS = ("avx512", "avx2", "portable")  # best first
+LIBRARY_NAME = "libmambazoo_native.so"
 _DISABLE_ENV = "MAMBAZOO_DISABLE_NATIVE"
+_ISA_ENV = "MAMBAZOO_NATIVE_ISA"
+_LIBRARY_ENV = "MAMBAZOO_NATIVE_LIBRARY"
 _int64, _int32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 
 
@@ -55,48 +67,102 @@ class _ConvArgs(ctypes.Structure):
     ]
 
 
-def _load_library() -> tuple[Optional[ctypes.CDLL], str]:
-    if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
-        return None, f"disabled by {_DISABLE_ENV}"
-    spec = importlib.util.find_spec("mambazoo._native")
-    if spec is None or not spec.origin:
-        return None, ("native extension not built (no working C compiler at install time?); "
-                      "reinstall with `pip install -e .` to build csrc/")
+_SCAN_ARGS, _CONV_ARGS, _SCAN_GRADS = (ctypes.POINTER(s) for s in (_ScanArgs, _ConvArgs, _ScanGrads))
+_KERNELS = {  # entry point (without the ISA suffix) -> argument types; each returns an int
+    "mz_scan_forward": [_SCAN_ARGS, _ptr, _ptr, _ptr],
+    "mz_scan_backward": [_SCAN_ARGS, _ptr, _ptr, _ptr, _SCAN_GRADS],
+    "mz_conv_forward": [_CONV_ARGS, _ptr],
+    "mz_conv_backward": [_CONV_ARGS, _ptr, _ptr, _ptr, _ptr],
+    "mz_scan_max_state": [],
+    "mz_conv_max_kernel": [],
+}
+
+
+def _library_path() -> Path:
+    override = os.environ.get(_LIBRARY_ENV)
+    return Path(override) if override else Path(__file__).resolve().parent.parent / LIBRARY_NAME
+
+
+def _open(path: Path) -> tuple[Optional[ctypes.CDLL], str]:
+    if not path.exists():
+        return None, (f"native library {path} not built (no working C compiler at install time?); reinstall with "
+                      "`pip install -e .` (or run `python setup.py build_ext --inplace`) to build csrc/")
     try:
-        library = ctypes.CDLL(spec.origin)
+        library = ctypes.CDLL(str(path))
     except OSError as error:
-        return None, f"native extension {spec.origin} failed to load: {error}"
-    pointers = (ctypes.POINTER(_ScanArgs), ctypes.POINTER(_ConvArgs), ctypes.POINTER(_ScanGrads))
-    scan_args, conv_args, scan_grads = pointers
-    for name, argtypes in (
-            ("mz_scan_forward", [scan_args, _ptr, _ptr, _ptr]),
-            ("mz_scan_backward", [scan_args, _ptr, _ptr, _ptr, scan_grads]),
-            ("mz_conv_forward", [conv_args, _ptr]),
-            ("mz_conv_backward", [conv_args, _ptr, _ptr, _ptr, _ptr]),
-            ("mz_scan_max_state", []),
-            ("mz_conv_max_kernel", []),
-    ):
-        function = getattr(library, name)
-        function.argtypes, function.restype = argtypes, ctypes.c_int
+        return None, f"native library {path} failed to load: {error}"
+    for name, restype in (("mz_cpu_supports", ctypes.c_int), ("mz_compiled_isas", ctypes.c_char_p),
+                          ("mz_build_info", ctypes.c_char_p)):
+        getattr(library, name).restype = restype
+    library.mz_cpu_supports.argtypes = [ctypes.c_char_p]
     return library, ""
 
 
-_LIBRARY, UNAVAILABLE_REASON = _load_library()
-AVAILABLE = _LIBRARY is not None
-MAX_STATE = _LIBRARY.mz_scan_max_state() if AVAILABLE else 0
-MAX_KERNEL = _LIBRARY.mz_conv_max_kernel() if AVAILABLE else 0
+def _choose_isa(compiled: tuple[str, ...], runnable: tuple[str, ...]) -> tuple[Optional[str], str]:
+    forced = os.environ.get(_ISA_ENV, "").strip()
+    if not forced:
+        return (runnable[0], "") if runnable else (None, f"this CPU runs none of the compiled ISAs {compiled}")
+    if forced not in ISAS:
+        return None, f"{_ISA_ENV}={forced!r} is not one of {ISAS}"
+    if forced not in compiled:
+        return None, f"{_ISA_ENV}={forced} but the library was built with {' '.join(compiled)} only"
+    if forced not in runnable:
+        return None, f"{_ISA_ENV}={forced} but this CPU does not support it (it runs {' '.join(runnable)})"
+    return forced, ""
 
 
-def _prepare(tensor: Optional[Tensor], name: str) -> Optional[Tensor]:
-    """float32 CPU tensor whose last dimension is contiguous (other strides are passed to the kernel)."""
+def _bind(library: ctypes.CDLL, isa: str) -> dict:
+    functions = {}
+    for name, argtypes in _KERNELS.items():
+        function = getattr(library, f"{name}_{isa}")
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+        functions[name] = function
+    return functions
+
+
+def _load() -> tuple[dict, str, tuple[str, ...], tuple[str, ...], Optional[str], str]:
+    """(kernels, reason if unavailable, compiled ISAs, runnable ISAs, chosen ISA, build info)."""
+    if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
+        return {}, f"disabled by {_DISABLE_ENV}", (), (), None, ""
+    library, reason = _open(_library_path())
+    if library is None:
+        return {}, reason, (), (), None, ""
+    compiled = tuple(library.mz_compiled_isas().decode().split())
+    runnable = tuple(isa for isa in compiled if library.mz_cpu_supports(isa.encode()))
+    info = library.mz_build_info().decode()
+    isa, reason = _choose_isa(compiled, runnable)
+    if isa is None:
+        return {}, reason, compiled, runnable, None, info
+    return _bind(library, isa), "", compiled, runnable, isa, info
+
+
+_FUNCTIONS, UNAVAILABLE_REASON, COMPILED_ISAS, RUNNABLE_ISAS, ISA, BUILD_INFO = _load()
+AVAILABLE = bool(_FUNCTIONS)
+LIBRARY_PATH = _library_path()
+MAX_STATE = _FUNCTIONS["mz_scan_max_state"]() if AVAILABLE else 0
+MAX_KERNEL = _FUNCTIONS["mz_conv_max_kernel"]() if AVAILABLE else 0
+
+
+def describe() -> dict[str, object]:
+    """The native build as facts: availability (or why not), library path, ISA in use, compiled and runnable ISAs,
+    compiler and OpenMP runtime."""
+    return dict(available=AVAILABLE, reason=UNAVAILABLE_REASON or None, library=str(LIBRARY_PATH), isa=ISA,
+                compiled_isas=list(COMPILED_ISAS), runnable_isas=list(RUNNABLE_ISAS), build=BUILD_INFO or None)
+
+
+def _prepare(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    """float32 tensor whose last dimension is contiguous (other strides are passed to the kernel)."""
     if tensor is None:
         return None
-    if tensor.device.type != "cpu":
-        raise ValueError(f"{name} is on {tensor.device}; the native backend runs on CPU tensors only")
-    tensor = tensor.detach().to(torch.float32)
-    if tensor.dim() and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+    if tensor.dtype != torch.float32:
+        tensor = tensor.to(torch.float32)
+    if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
         tensor = tensor.contiguous()
     return tensor
+
+
+def _contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    return None if tensor is None else _prepare(tensor).contiguous()
 
 
 def _address(tensor: Optional[Tensor]) -> Optional[int]:
@@ -114,11 +180,16 @@ def _check(status: int, function: str) -> None:
         raise ValueError(f"native {function}: invalid sizes (status {status})")
 
 
+def _check_cpu(tensor: Tensor, name: str) -> None:
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} is on {tensor.device}; the native backend runs on CPU tensors only")
+
+
 def _scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[_ScanArgs, tuple]:
     """Kernel arguments plus the float32 tensors they point into (the caller keeps those alive during the call)."""
-    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-    u, delta, A, B, C, D, z, delta_bias = (_prepare(t, n) for t, n in zip((u, delta, A, B, C, D, z, delta_bias), names))
-    A, D, delta_bias = (None if t is None else t.contiguous() for t in (A, D, delta_bias))
+    _check_cpu(u, "u")
+    u, delta, B, C, z = (_prepare(t) for t in (u, delta, B, C, z))
+    A, D, delta_bias = (_contiguous(t) for t in (A, D, delta_bias))
     batch, length, dim = u.shape
     if not 1 <= A.shape[1] <= MAX_STATE:
         raise ValueError(f"the native scan supports d_state 1..{MAX_STATE}, got A with d_state {A.shape[1]}")
@@ -140,8 +211,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, reve
     y = torch.empty((batch, length, dim), dtype=torch.float32)
     last_state = torch.empty((batch, dim, A.shape[1]), dtype=torch.float32)
     chunk_states = torch.empty((batch, n_chunks, dim, A.shape[1]), dtype=torch.float32)
-    _check(_LIBRARY.mz_scan_forward(ctypes.byref(args), y.data_ptr(), last_state.data_ptr(),
-                                    chunk_states.data_ptr()), "scan forward")
+    _check(_FUNCTIONS["mz_scan_forward"](ctypes.byref(args), y.data_ptr(), last_state.data_ptr(),
+                                         chunk_states.data_ptr()), "scan forward")
     return y.to(u.dtype), last_state, chunk_states
 
 
@@ -149,18 +220,19 @@ def scan_backward(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, 
                   reverse: bool):
     """Fused-kernel backward: gradients of (u, delta, A, B, C, D, z, delta_bias), empty for absent inputs."""
     args, _alive = _scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-    grad_y = _prepare(grad_y, "grad_y").contiguous()
-    grad_last_state = None if grad_last_state is None else _prepare(grad_last_state, "grad_last_state").contiguous()
+    grad_y, grad_last_state = _contiguous(grad_y), _contiguous(grad_last_state)
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     grads = [None if t is None else torch.empty(t.shape, dtype=torch.float32) for t in inputs]
     pointers = _ScanGrads(*(_address(g) for g in grads))
-    _check(_LIBRARY.mz_scan_backward(ctypes.byref(args), chunk_states.contiguous().data_ptr(), grad_y.data_ptr(),
-                                     _address(grad_last_state), ctypes.byref(pointers)), "scan backward")
+    _check(_FUNCTIONS["mz_scan_backward"](ctypes.byref(args), chunk_states.contiguous().data_ptr(),
+                                          grad_y.data_ptr(), _address(grad_last_state), ctypes.byref(pointers)),
+           "scan backward")
     return tuple(u.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
 
 
 def _conv_args(x, weight, bias, silu: bool, reverse: bool) -> tuple[_ConvArgs, tuple]:
-    x, weight, bias = _prepare(x, "x"), _prepare(weight, "weight").contiguous(), _prepare(bias, "bias")
+    _check_cpu(x, "x")
+    x, weight, bias = _prepare(x), _contiguous(weight), _contiguous(bias)
     if not 1 <= weight.shape[1] <= MAX_KERNEL:
         raise ValueError(f"the native conv1d supports kernel sizes 1..{MAX_KERNEL}, got weight {tuple(weight.shape)}")
     batch, length, dim = x.shape
@@ -173,7 +245,7 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, 
     """Causal depthwise conv1d, channels-last; y in x's dtype."""
     args, _alive = _conv_args(x, weight, bias, silu, reverse)
     y = torch.empty(x.shape, dtype=torch.float32)
-    _check(_LIBRARY.mz_conv_forward(ctypes.byref(args), y.data_ptr()), "conv1d forward")
+    _check(_FUNCTIONS["mz_conv_forward"](ctypes.byref(args), y.data_ptr()), "conv1d forward")
     return y.to(x.dtype)
 
 
@@ -181,14 +253,15 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
                   reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of (x, weight, bias) of :func:`conv_forward` (empty for an absent bias)."""
     args, _alive = _conv_args(x, weight, bias, silu, reverse)
-    grad_y = _prepare(grad_y, "grad_y").contiguous()
+    grad_y = _contiguous(grad_y)
     dx = torch.empty(x.shape, dtype=torch.float32)
     dweight = torch.empty(weight.shape, dtype=torch.float32)
     dbias = None if bias is None else torch.empty(bias.shape, dtype=torch.float32)
-    _check(_LIBRARY.mz_conv_backward(ctypes.byref(args), grad_y.data_ptr(), dx.data_ptr(), dweight.data_ptr(),
-                                     _address(dbias)), "conv1d backward")
+    _check(_FUNCTIONS["mz_conv_backward"](ctypes.byref(args), grad_y.data_ptr(), dx.data_ptr(), dweight.data_ptr(),
+                                          _address(dbias)), "conv1d backward")
     return dx.to(x.dtype), dweight.to(weight.dtype), x.new_empty((0,)) if dbias is None else dbias.to(bias.dtype)
 
 
 if AVAILABLE:
     register_kernel("native", FusedKernel(scan_forward, scan_backward, CHUNK_SIZE))
+
