@@ -1,15 +1,15 @@
 /* Depthwise causal 1-D convolution in the channels-last layout, forward and backward, plain C with OpenMP.
  *
- * y_t[d] = act(bias[d] + sum_k weight[d, k] * x_{t-K+1+k}[d]) for t in scan order, where terms with t-K+1+k < 0 are
- * absent (not zero times the weight: an infinite weight does not turn the first steps into NaN); `reverse` runs the
- * sequence from its end (anti-causal). x is (batch, length, dim) with batch and length strides in elements (last
+ * y_t[d] = act(bias[d] + sum_k weight[d, k] * x_{t-K+1+k}[d]) for t in scan order with x_{<0} = 0 (the zeros are
+ * multiplied like data, as by a zero-padded nn.Conv1d: an infinite weight makes the first steps NaN); `reverse` runs
+ * the sequence from its end (anti-causal). x is (batch, length, dim) with batch and length strides in elements (last
  * dimension contiguous); weight (dim, K) and bias (dim,) are contiguous. Any of batch, length and dim may be 0.
  *
- * The forward splits the work over (batch x blocks of LANES channels x segments of the sequence); each item slides a
- * window of K input vectors along its segment, so every input element is loaded once. The backward walks each
- * (batch, channel block) from the end with a window of the next K-1 pre-activation gradients; its weight and bias
- * gradients are summed per item and then over batch rows in a fixed order (deterministic whatever the thread count,
- * scratch bounded by a group of rows).
+ * The forward splits the work over (batch x segments of the sequence); each item walks its rows in order and computes
+ * every channel block of a row, so the K - 1 earlier rows it reads again are still in L1 and both tensors stream
+ * through memory once. The backward walks each (batch, channel block) from the end with a window of the next K-1
+ * pre-activation gradients; its weight and bias gradients are summed per item and then over batch rows in a fixed
+ * order (deterministic whatever the thread count, scratch bounded by a group of rows).
  */
 #include <stdlib.h>
 
@@ -56,13 +56,15 @@ INLINE vfloat input_at(const mz_conv_args *a, const conv_view *v, int64_t step) 
     return load_lanes(v->x + conv_time(a, step) * a->x_length_stride, v->lanes);
 }
 
-/* Pre-activation output at scan step `step`, taps inside the sequence only. */
+/* Input at scan step `step`, zero before the start. */
+INLINE vfloat padded_input_at(const mz_conv_args *a, const conv_view *v, int64_t step) {
+    return step >= 0 ? input_at(a, v, step) : splat(0.0f);
+}
+
+/* Pre-activation output at scan step `step`. */
 INLINE vfloat pre_activation(const mz_conv_args *a, const conv_view *v, int64_t step, const int K) {
     vfloat acc = v->bias;
-    for (int k = 0; k < K; ++k) {
-        int64_t source = step - (K - 1) + k;
-        if (source >= 0) acc += v->weight[k] * input_at(a, v, source);
-    }
+    for (int k = 0; k < K; ++k) acc += v->weight[k] * padded_input_at(a, v, step - (K - 1) + k);
     return acc;
 }
 
@@ -92,15 +94,16 @@ INLINE void forward_item(const mz_conv_args *a, const conv_plan *p, int64_t item
             rows[k] = source >= 0 ? x + conv_time(a, source) * stride : x;
         }
         float *out_row = y_batch + conv_time(a, step) * dim;
-        int64_t first_tap = step >= K - 1 ? 0 : K - 1 - step; /* the first steps have fewer taps */
+        int64_t padding = step >= K - 1 ? 0 : K - 1 - step; /* the first steps read some of the zeros in front */
         for (int64_t block = 0; block < p->n_blocks; ++block) {
             int lanes = (int)min_i64(dim - block * LANES, LANES);
             const vfloat *w = p->weight + block * K;
             vfloat out = p->bias[block];
-            if (first_tap == 0) {
+            if (padding == 0) {
                 for (int k = 0; k < K; ++k) out += w[k] * load_lanes(rows[k] + block * LANES, lanes);
             } else {
-                for (int64_t k = first_tap; k < K; ++k) out += w[k] * load_lanes(rows[k] + block * LANES, lanes);
+                for (int64_t k = 0; k < K; ++k)
+                    out += w[k] * (k < padding ? splat(0.0f) : load_lanes(rows[k] + block * LANES, lanes));
             }
             store_lanes(out_row + block * LANES, silu_on ? silu(out) : out, lanes);
         }
@@ -121,12 +124,9 @@ INLINE void backward_item(const mz_conv_args *a, int64_t item, const int K, cons
         vfloat dpre = load_lanes(grad_y + offset + row, v.lanes);
         if (a->silu) dpre *= silu_derivative(pre_activation(a, &v, step, K));
         dbias += dpre;
-        for (int k = 0; k < K; ++k) {
-            int64_t source = step - (K - 1) + k;
-            if (source >= 0) dweight[k] += dpre * input_at(a, &v, source);
-        }
+        for (int k = 0; k < K; ++k) dweight[k] += dpre * padded_input_at(a, &v, step - (K - 1) + k);
         vfloat grad = v.weight[K - 1] * dpre; /* outputs at steps step .. step+K-1 read this input */
-        for (int k = 0; k < K - 1; ++k)
+        for (int k = 0; k < K - 1; ++k) /* no output past the end (and no zero times the weight, as in PyTorch) */
             if (step + K - 1 - k < a->length) grad += v.weight[k] * later[K - 2 - k];
         store_lanes(dx + offset + row, grad, v.lanes);
         for (int j = K - 2; j > 0; --j) later[j] = later[j - 1];

@@ -183,6 +183,8 @@ INLINE void backward_chunk(const mz_scan_args *a, int64_t item, int64_t chunk, c
     load_state(chunk_states + (v.batch * n_chunks + chunk) * a->dim * N, &v, N, s->states);
     recompute_chunk(a, &v, N, softplus_on, A2, start, end, s);
     vfloat *adj = c->adj, *dA = c->dA;
+    vint valid_lanes;
+    for (int i = 0; i < LANES; ++i) valid_lanes[i] = i < v.lanes ? -1 : 0;
     for (int64_t step = end - 1; step >= start; --step) {
         int64_t t = time_index(a, step), i = step - start;
         int64_t row = v.batch * a->length + t;
@@ -224,6 +226,12 @@ INLINE void backward_chunk(const mz_scan_args *a, int64_t item, int64_t chunk, c
         if (v.z) {
             vfloat dsilu = z_sigmoid * (1.0f + z * (1.0f - z_sigmoid));
             store_lanes(g->dz + row * a->dim + v.first_channel, dy * out * dsilu, v.lanes);
+        }
+        if (v.lanes < LANES) { /* lanes past dim hold 0 * inf = NaN when an input is infinite: leave them out */
+            for (int n = 0; n < N; ++n) {
+                wB[n] = (vfloat)((vint)wB[n] & valid_lanes);
+                wC[n] = (vfloat)((vint)wC[n] & valid_lanes);
+            }
         }
         lane_sums(wB, N, part_dB + i * N);
         lane_sums(wC, N, part_dC + i * N);

@@ -9,10 +9,14 @@ Kernel contract (all tensors in the op's channels-last layout, see :func:`mambaz
 * ``forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)`` returns ``(y, last_state, chunk_states)``:
   y like u (same dtype), last_state (batch, dim, d_state) float32, and chunk_states (batch, n_chunks, dim, d_state)
   float32 holding the state *entering* each chunk of ``chunk_size`` steps in scan order (chunk 0 is all zeros),
-  where ``n_chunks = ceil(length / chunk_size)``; the backward recomputes the inside of each chunk from them.
+  where ``n_chunks = ceil(length / chunk_size)``; the backward recomputes the inside of each chunk from them. The
+  states are float64 instead for float64 inputs if the kernel says so (``float64_states``). Outputs are fresh
+  contiguous tensors (no views), like the fake implementation's.
 * ``backward(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, reverse)``
   returns the gradients of (u, delta, A, B, C, D, z, delta_bias), each shaped and typed like its input; for an absent
-  optional input it returns an empty tensor. ``grad_last_state`` may be None.
+  optional input it returns an empty tensor. ``grad_last_state`` may be None. It runs as the backward custom op
+  (``mambazoo::selective_scan_fused_bwd``), or directly in the autograd formula for a kernel whose backward needs
+  autograd itself (``backward_uses_autograd``: the pure-PyTorch kernel).
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -30,6 +34,8 @@ class FusedKernel:
     forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, ...]]
     chunk_size: int
+    float64_states: bool = False
+    backward_uses_autograd: bool = False
 
 
 _KERNELS: dict[str, FusedKernel] = {}
@@ -72,11 +78,13 @@ def _selective_scan_fused_op(
 def _selective_scan_fused_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, kernel):
     batch, length, dim = u.shape
     d_state = A.shape[1]
-    n_chunks = (length + _kernel(kernel).chunk_size - 1) // _kernel(kernel).chunk_size
+    chunk_size = _kernel(kernel).chunk_size
+    n_chunks = (length + chunk_size - 1) // chunk_size
+    state_dtype = torch.float64 if _kernel(kernel).float64_states and u.dtype == torch.float64 else torch.float32
     return (
         u.new_empty(u.shape),
-        u.new_empty((batch, dim, d_state), dtype=torch.float32),
-        u.new_empty((batch, n_chunks, dim, d_state), dtype=torch.float32),
+        u.new_empty((batch, dim, d_state), dtype=state_dtype),
+        u.new_empty((batch, n_chunks, dim, d_state), dtype=state_dtype),
     )
 
 
@@ -119,7 +127,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_y: Tensor, grad_last_state: Optional[Tensor], _grad_chunk_states: Optional[Tensor]):
-    grads = _selective_scan_fused_bwd_op(grad_y.contiguous(), grad_last_state, *ctx.saved_tensors, *ctx.options)
+    kernel = _kernel(ctx.options[2])
+    if kernel.backward_uses_autograd:
+        grads = kernel.backward(grad_y, grad_last_state, *ctx.saved_tensors, *ctx.options[:2])
+    else:
+        grads = _selective_scan_fused_bwd_op(grad_y.contiguous(), grad_last_state, *ctx.saved_tensors, *ctx.options)
     required = grads[:5]
     optional = tuple(g if present else None for g, present in zip(grads[5:], ctx.has_optional))
     return (*required, *optional, None, None, None)

@@ -3,9 +3,10 @@
 The shared library ``libmambazoo_native.so`` is built by ``setup.py`` (plain C + OpenMP, no Python or PyTorch
 headers). It holds every kernel once per instruction set -- ``avx512``, ``avx2`` (with FMA) and ``portable`` on
 x86-64, ``portable`` elsewhere -- and this module binds the best variant the CPU supports, or the one named by
-``MAMBAZOO_NATIVE_ISA`` (``avx512``, ``avx2`` or ``portable``; for tests and benchmarks). :data:`ISA` is the variant in
-use; :func:`describe` says everything about the build. ``MAMBAZOO_NATIVE_LIBRARY`` loads another build of the library
-(CI uses it to test a clang build next to the installed GCC one). See docs/native.md.
+``MAMBAZOO_NATIVE_ISA`` (``avx512``, ``avx2`` or ``portable``; for tests and benchmarks). :data:`ISA` is that choice,
+:func:`use_isa` switches variants temporarily (benchmarks compare them in one process), :func:`describe` says
+everything about the build. ``MAMBAZOO_NATIVE_LIBRARY`` loads another build of the library (CI uses it to test a
+clang build next to the installed GCC one). See docs/native.md.
 
 torch is imported before the library is loaded, so a GCC build's ``libgomp.so.1`` dependency resolves to the OpenMP
 runtime torch already loaded (one thread pool, no oversubscription); every call passes ``torch.get_num_threads()`` as
@@ -16,10 +17,11 @@ its thread count.
 ``"native"`` with :func:`mambazoo.ops.fused.register_kernel`. float16/bfloat16 (and float64) inputs are computed in
 float32; outputs and gradients come back in the dtype of the corresponding input.
 """
+import contextlib
 import ctypes
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -27,8 +29,8 @@ from torch import Tensor
 from .fused import FusedKernel, register_kernel
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ISA", "ISAS", "COMPILED_ISAS", "RUNNABLE_ISAS", "LIBRARY_PATH",
-           "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "describe", "scan_forward", "scan_backward", "conv_forward",
-           "conv_backward"]
+           "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "active_isa", "describe", "use_isa", "scan_forward",
+           "scan_backward", "conv_forward", "conv_backward"]
 
 CHUNK_SIZE = 64
 ISAS = ("avx512", "avx2", "portable")  # best first
@@ -120,34 +122,56 @@ def _bind(library: ctypes.CDLL, isa: str) -> dict:
     return functions
 
 
-def _load() -> tuple[dict, str, tuple[str, ...], tuple[str, ...], Optional[str], str]:
-    """(kernels, reason if unavailable, compiled ISAs, runnable ISAs, chosen ISA, build info)."""
+def _load() -> tuple[Optional[ctypes.CDLL], str, tuple[str, ...], tuple[str, ...], Optional[str], str]:
+    """(library, reason if unavailable, compiled ISAs, runnable ISAs, chosen ISA, build info)."""
     if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
-        return {}, f"disabled by {_DISABLE_ENV}", (), (), None, ""
+        return None, f"disabled by {_DISABLE_ENV}", (), (), None, ""
     library, reason = _open(_library_path())
     if library is None:
-        return {}, reason, (), (), None, ""
+        return None, reason, (), (), None, ""
     compiled = tuple(library.mz_compiled_isas().decode().split())
     runnable = tuple(isa for isa in compiled if library.mz_cpu_supports(isa.encode()))
     info = library.mz_build_info().decode()
     isa, reason = _choose_isa(compiled, runnable)
-    if isa is None:
-        return {}, reason, compiled, runnable, None, info
-    return _bind(library, isa), "", compiled, runnable, isa, info
+    return (library if isa else None), reason, compiled, runnable, isa, info
 
 
-_FUNCTIONS, UNAVAILABLE_REASON, COMPILED_ISAS, RUNNABLE_ISAS, ISA, BUILD_INFO = _load()
-AVAILABLE = bool(_FUNCTIONS)
+_LIBRARY, UNAVAILABLE_REASON, COMPILED_ISAS, RUNNABLE_ISAS, ISA, BUILD_INFO = _load()
+AVAILABLE = _LIBRARY is not None
 LIBRARY_PATH = _library_path()
+_FUNCTIONS = _bind(_LIBRARY, ISA) if AVAILABLE else {}
+_active_isa = ISA
 MAX_STATE = _FUNCTIONS["mz_scan_max_state"]() if AVAILABLE else 0
 MAX_KERNEL = _FUNCTIONS["mz_conv_max_kernel"]() if AVAILABLE else 0
+
+
+def active_isa() -> Optional[str]:
+    """The ISA variant the kernels run now: :data:`ISA`, unless inside :func:`use_isa`."""
+    return _active_isa
+
+
+@contextlib.contextmanager
+def use_isa(isa: str) -> Iterator[None]:
+    """Run the kernels of another compiled ISA variant within this context (benchmarks and tests compare them)."""
+    global _FUNCTIONS, _active_isa
+    if not AVAILABLE:
+        raise RuntimeError(f"the native backend is unavailable: {UNAVAILABLE_REASON}")
+    if isa not in RUNNABLE_ISAS:
+        raise ValueError(f"ISA {isa!r} is not runnable here; compiled: {COMPILED_ISAS}, runnable: {RUNNABLE_ISAS}")
+    previous = _FUNCTIONS, _active_isa
+    _FUNCTIONS, _active_isa = _bind(_LIBRARY, isa), isa
+    try:
+        yield
+    finally:
+        _FUNCTIONS, _active_isa = previous
 
 
 def describe() -> dict[str, object]:
     """The native build as facts: availability (or why not), library path, ISA in use, compiled and runnable ISAs,
     compiler and OpenMP runtime."""
-    return dict(available=AVAILABLE, reason=UNAVAILABLE_REASON or None, library=str(LIBRARY_PATH), isa=ISA,
-                compiled_isas=list(COMPILED_ISAS), runnable_isas=list(RUNNABLE_ISAS), build=BUILD_INFO or None)
+    return dict(available=AVAILABLE, reason=UNAVAILABLE_REASON or None, library=str(LIBRARY_PATH),
+                isa=active_isa(), compiled_isas=list(COMPILED_ISAS), runnable_isas=list(RUNNABLE_ISAS),
+                build=BUILD_INFO or None)
 
 
 def _prepare(tensor: Optional[Tensor]) -> Optional[Tensor]:

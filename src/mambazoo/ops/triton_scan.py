@@ -155,7 +155,7 @@ if triton is not None:
                                          stride_B_b, stride_B_l, stride_C_b, stride_C_l)
             step, _ = _step_size(delta, bias, HAS_BIAS, SOFTPLUS)
             step = tl.where(seq_ok, step, 0.0)
-            decay = tl.exp2(step[:, :, None] * A[None, :, :])
+            decay = tl.where(seq_ok[:, :, None], tl.exp2(step[:, :, None] * A[None, :, :]), 1.0)  # pads: even A=-inf
             inject = (step * u)[:, :, None] * B[:, None, :]
             inject = tl.where(steps[:, None, None] == 0, inject + decay * state[None, :, :], inject)
             _, h = tl.associative_scan((decay, inject), 0, _combine)
@@ -328,6 +328,8 @@ def selective_scan_triton_forward(
     chunk_states = torch.empty((batch, n_chunks, dim, d_state), dtype=torch.float32, device=u.device)
     config = _launch_config(d_state, backward=False)
     grid = (batch, triton.cdiv(dim, config["BLOCK_D"]))
+    if batch == 0 or dim == 0:  # nothing to launch: every output is empty
+        return y, last_state, chunk_states
     with _device_guard(u):
         _selective_scan_fwd_kernel[grid](
             u, delta, A, B, C, u if D is None else D.contiguous(), u if z is None else z,
@@ -377,17 +379,18 @@ def selective_scan_triton_backward(
     dA_part, dD_part, dbias_part = fp32(batch, dim, d_state), fp32(batch, dim), fp32(batch, dim)
     dB_part, dC_part = fp32(n_blocks, batch, length, d_state), fp32(n_blocks, batch, length, d_state)
     grad_last = None if grad_last_state is None else grad_last_state.contiguous()
-    with _device_guard(u):
-        _selective_scan_bwd_kernel[(batch, n_blocks)](
-            grad_y, grad_y if grad_last is None else grad_last, u, delta, A, B, C,
-            u if D is None else D.contiguous(), u if z is None else z,
-            u if delta_bias is None else delta_bias.contiguous(), chunk_states,
-            du, ddelta, du if dz is None else dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
-            batch, length, dim, d_state, n_chunks,
-            *_strides(u), *_strides(delta), *_strides(B), *_strides(C), *_strides(z),
-            HAS_GRAD_LAST=grad_last is not None, HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse, CHUNK=CHUNK_SIZE, **config,
-        )
+    if batch > 0 and dim > 0:  # otherwise every partial sum is empty and its reduction gives zeros
+        with _device_guard(u):
+            _selective_scan_bwd_kernel[(batch, n_blocks)](
+                grad_y, grad_y if grad_last is None else grad_last, u, delta, A, B, C,
+                u if D is None else D.contiguous(), u if z is None else z,
+                u if delta_bias is None else delta_bias.contiguous(), chunk_states,
+                du, ddelta, du if dz is None else dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
+                batch, length, dim, d_state, n_chunks,
+                *_strides(u), *_strides(delta), *_strides(B), *_strides(C), *_strides(z),
+                HAS_GRAD_LAST=grad_last is not None, HAS_D=D is not None, HAS_Z=z is not None,
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, REVERSE=reverse, CHUNK=CHUNK_SIZE, **config,
+            )
     def empty() -> Tensor:  # a fresh one per absent input: custom-op outputs must not alias each other
         return u.new_empty((0,))
 
