@@ -235,7 +235,10 @@ def run_python(code: str, **env: str) -> str:
     return result.stdout
 
 
+@pytest.mark.subprocess
 def test_native_shares_torch_openmp_runtime_and_thread_count():
+    if "(libgomp)" not in native.BUILD_INFO:
+        pytest.skip(f"built with {native.BUILD_INFO}: the kernels have their own OpenMP thread pool (docs/native.md)")
     output = run_python("""
         import os, torch
         from mambazoo.ops import selective_scan
@@ -255,6 +258,7 @@ def test_native_shares_torch_openmp_runtime_and_thread_count():
     assert int(threads_at_5) - int(threads_at_2) == 3  # the team grew by torch's new thread count, in the same pool
 
 
+@pytest.mark.subprocess
 def test_disable_env_var_falls_back_to_torch():
     output = run_python("""
         import torch
