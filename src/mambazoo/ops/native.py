@@ -19,6 +19,7 @@ float32; outputs and gradients come back in the dtype of the corresponding input
 """
 import contextlib
 import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import Iterator, Optional
@@ -113,7 +114,9 @@ def _choose_isa(compiled: tuple[str, ...], runnable: tuple[str, ...]) -> tuple[O
     return forced, ""
 
 
+@functools.lru_cache(maxsize=None)
 def _bind(library: ctypes.CDLL, isa: str) -> dict:
+    """The entry points of one ISA variant (bound once per variant)."""
     functions = {}
     for name, argtypes in _KERNELS.items():
         function = getattr(library, f"{name}_{isa}")
