@@ -286,9 +286,11 @@ static int valid(const mz_scan_args *a) {
 int MZ_EXPORT(mz_scan_max_state)(void) { return MAX_STATE; }
 
 /* Forward: y (batch, length, dim), last_state (batch, dim, d_state) and chunk_states (batch, n_chunks, dim,
- * d_state), all contiguous float32. Returns 0, or -1 for invalid sizes. */
+ * d_state), all contiguous float32. Returns 0, -1 for invalid sizes, -3 when A has a positive entry. */
 int MZ_EXPORT(mz_scan_forward)(const mz_scan_args *a, float *y, float *last_state, float *chunk_states) {
     if (!valid(a)) return -1;
+    for (int64_t i = 0; i < a->dim * a->d_state; ++i)
+        if (a->A[i] > 0.0f) return -3;
     forward_fn run;
     backward_fn unused;
     pick(a, &run, &unused);

@@ -237,6 +237,15 @@ def test_bad_input_names_the_problem(change, error, message):
         selective_scan(**arguments)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_positive_A_is_rejected_by_every_cpu_backend(backend):
+    arguments = dict(u=torch.zeros(2, 5, 6), delta=torch.zeros(2, 5, 6), A=-torch.ones(6, 2), B=torch.zeros(2, 5, 2),
+                     C=torch.zeros(2, 5, 2))
+    arguments["A"][4, 1] = 0.5
+    with pytest.raises(ValueError, match="A has positive entries"):
+        selective_scan(**arguments, backend=backend)
+
+
 def test_meta_device_input_is_rejected_with_device_in_message():
     arguments = dict(u=torch.zeros(1, 3, 2), delta=torch.zeros(1, 3, 2, device="meta"), A=-torch.ones(2, 1),
                      B=torch.zeros(1, 3, 1), C=torch.zeros(1, 3, 1))

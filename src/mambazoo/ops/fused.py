@@ -24,7 +24,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["FusedKernel", "register_kernel", "registered_kernels", "selective_scan_fused"]
+__all__ = ["A_SIGN_ERROR", "FusedKernel", "register_kernel", "registered_kernels", "selective_scan_fused"]
+
+A_SIGN_ERROR = "A has positive entries; the scan needs A <= 0 (models pass A = -exp(A_log))"
 
 
 @dataclass(frozen=True)

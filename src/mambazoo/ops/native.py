@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .fused import FusedKernel, register_kernel
+from .fused import A_SIGN_ERROR, FusedKernel, register_kernel
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ISA", "ISAS", "COMPILED_ISAS", "RUNNABLE_ISAS", "LIBRARY_PATH",
            "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "active_isa", "describe", "use_isa", "scan_forward",
@@ -203,6 +203,8 @@ def _strides(tensor: Optional[Tensor]) -> tuple[int, int]:
 def _check(status: int, function: str) -> None:
     if status == -2:
         raise MemoryError(f"native {function}: out of memory for scratch buffers")
+    if status == -3:
+        raise ValueError(A_SIGN_ERROR)
     if status != 0:
         raise ValueError(f"native {function}: invalid sizes (status {status})")
 

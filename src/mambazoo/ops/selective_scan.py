@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import capabilities
 from .capabilities import backend_names, resolve_backend
-from .fused import FusedKernel, register_kernel, selective_scan_fused
+from .fused import A_SIGN_ERROR, FusedKernel, register_kernel, selective_scan_fused
 from .reference import selective_scan_reference
 from .torch_scan import selective_scan_torch
 
@@ -63,8 +63,13 @@ def _check_arguments(u, delta, A, B, C, D, z, delta_bias) -> None:
             raise TypeError(f"{name} has dtype {tensor.dtype} but u has {u.dtype}; cast them to one dtype")
     if d_state == 0:
         raise ValueError("A has d_state 0: the scan needs at least one state per channel")
-    if A.device.type == "cpu" and not torch.compiler.is_compiling() and bool((A.detach() > 0).any()):
-        raise ValueError("A has positive entries; the scan needs A <= 0 (models pass A = -exp(A_log))")
+
+
+def _check_A_sign(A: Tensor, backend: str) -> None:
+    """A <= 0, checked for CPU tensors (on accelerators it would cost a host sync; the native kernel checks itself)."""
+    if A.device.type == "cpu" and backend != "native" and not torch.compiler.is_compiling():
+        if bool((A.detach() > 0).any()):
+            raise ValueError(A_SIGN_ERROR)
 
 
 def _resolve_backend(backend: str, u: Tensor, d_state: int) -> str:
@@ -137,7 +142,7 @@ def selective_scan(
 
     Layout: ``u``, ``delta`` and ``z`` are (batch, length, dim) — the layout a Linear layer produces, so no
     transposes are needed; ``B`` and ``C`` are (batch, length, d_state); ``A`` is (dim, d_state) with A <= 0
-    (checked for CPU tensors; on accelerators the check would cost a host sync per call);
+    (checked for CPU tensors, by the native kernel itself; on accelerators the check would cost a host sync);
     ``D`` and ``delta_bias`` are (dim,). Independent scans (e.g. several scan paths) are batched along the batch
     dimension; inputs they share may be ``expand``-ed views. State and accumulation are float32 (float64 for float64
     inputs on the ``reference``/``torch`` backends); float16/bfloat16 inputs are accepted and y has u's dtype.
@@ -163,6 +168,7 @@ def selective_scan(
     """
     _check_arguments(u, delta, A, B, C, D, z, delta_bias)
     name = _resolve_backend(backend, u, A.shape[1])
+    _check_A_sign(A, name)
     if _route_through_custom_op and name in ("reference", "torch"):
         name = "torch_custom_op"
     if name == "reference":
