@@ -348,10 +348,11 @@ int MZ_EXPORT(mz_scan_backward)(const mz_scan_args *a, const float *chunk_states
                                 const float *grad_last_state, const mz_scan_grads *g) {
     if (!valid(a)) return -1;
     int N = (int)a->d_state, n_threads = a->n_threads;
+    if (a->dim == 0) return 0;
     memset(g->dA, 0, (size_t)(a->dim * N) * sizeof(float));
     if (g->dD) memset(g->dD, 0, (size_t)a->dim * sizeof(float));
     if (g->ddelta_bias) memset(g->ddelta_bias, 0, (size_t)a->dim * sizeof(float));
-    if (a->batch == 0 || a->length == 0 || a->dim == 0) return 0;
+    if (a->batch == 0 || a->length == 0) return 0;
     forward_fn unused;
     backward_fn run;
     pick(a, &unused, &run);

@@ -94,9 +94,12 @@ def _open(path: Path) -> tuple[Optional[ctypes.CDLL], str]:
         library = ctypes.CDLL(str(path))
     except OSError as error:
         return None, f"native library {path} failed to load: {error}"
-    for name, restype in (("mz_cpu_supports", ctypes.c_int), ("mz_compiled_isas", ctypes.c_char_p),
-                          ("mz_build_info", ctypes.c_char_p)):
-        getattr(library, name).restype = restype
+    try:
+        for name, restype in (("mz_cpu_supports", ctypes.c_int), ("mz_compiled_isas", ctypes.c_char_p),
+                              ("mz_build_info", ctypes.c_char_p)):
+            getattr(library, name).restype = restype
+    except AttributeError as error:
+        return None, f"{path} is not a mambazoo native library of this version ({error}); rebuild it"
     library.mz_cpu_supports.argtypes = [ctypes.c_char_p]
     return library, ""
 
@@ -136,6 +139,11 @@ def _load() -> tuple[Optional[ctypes.CDLL], str, tuple[str, ...], tuple[str, ...
     runnable = tuple(isa for isa in compiled if library.mz_cpu_supports(isa.encode()))
     info = library.mz_build_info().decode()
     isa, reason = _choose_isa(compiled, runnable)
+    if isa is not None:
+        try:
+            _bind(library, isa)
+        except AttributeError as error:  # a library built from other kernel sources
+            isa, reason = None, f"native library {_library_path()} is stale ({error}); rebuild it"
     return (library if isa else None), reason, compiled, runnable, isa, info
 
 
@@ -183,7 +191,7 @@ def _prepare(tensor: Optional[Tensor]) -> Optional[Tensor]:
         return None
     if tensor.dtype != torch.float32:
         tensor = tensor.to(torch.float32)
-    if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
+    if tensor.stride()[-1] != 1 and tensor.shape[-1] > 1:
         tensor = tensor.contiguous()
     return tensor
 
@@ -192,12 +200,16 @@ def _contiguous(tensor: Optional[Tensor]) -> Optional[Tensor]:
     return None if tensor is None else _prepare(tensor).contiguous()
 
 
+def _pointer_and_strides(tensor: Optional[Tensor]) -> tuple[Optional[int], int, int]:
+    """Address, batch stride and length stride of a (batch, length, ...) tensor (None, 0, 0 when absent)."""
+    if tensor is None:
+        return None, 0, 0
+    strides = tensor.stride()
+    return tensor.data_ptr(), strides[0], strides[1]
+
+
 def _address(tensor: Optional[Tensor]) -> Optional[int]:
     return None if tensor is None else tensor.data_ptr()
-
-
-def _strides(tensor: Optional[Tensor]) -> tuple[int, int]:
-    return (0, 0) if tensor is None else (tensor.stride(0), tensor.stride(1))
 
 
 def _check(status: int, function: str) -> None:
@@ -224,9 +236,9 @@ def _scan_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, revers
         raise ValueError(f"the native scan supports d_state 1..{MAX_STATE}, got A with d_state {A.shape[1]}")
     args = _ScanArgs(
         batch, length, dim, A.shape[1], CHUNK_SIZE,
-        _address(u), *_strides(u), _address(delta), *_strides(delta), _address(A),
-        _address(B), *_strides(B), _address(C), *_strides(C), _address(D),
-        _address(z), *_strides(z), _address(delta_bias),
+        *_pointer_and_strides(u), *_pointer_and_strides(delta), A.data_ptr(),
+        *_pointer_and_strides(B), *_pointer_and_strides(C), _address(D),
+        *_pointer_and_strides(z), _address(delta_bias),
         int(delta_softplus), int(reverse), torch.get_num_threads(),
     )
     return args, (u, delta, A, B, C, D, z, delta_bias)
@@ -265,7 +277,7 @@ def _conv_args(x, weight, bias, silu: bool, reverse: bool) -> tuple[_ConvArgs, t
     if not 1 <= weight.shape[1] <= MAX_KERNEL:
         raise ValueError(f"the native conv1d supports kernel sizes 1..{MAX_KERNEL}, got weight {tuple(weight.shape)}")
     batch, length, dim = x.shape
-    args = _ConvArgs(batch, length, dim, weight.shape[1], _address(x), *_strides(x), _address(weight),
+    args = _ConvArgs(batch, length, dim, weight.shape[1], *_pointer_and_strides(x), weight.data_ptr(),
                      _address(bias), int(silu), int(reverse), torch.get_num_threads())
     return args, (x, weight, bias)
 
