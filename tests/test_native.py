@@ -4,6 +4,7 @@ Scan values and gradients are compared with the float64 sequential reference (``
 autograd through it; the causal conv1d against the PyTorch implementation (float64 oracle for the gradients).
 """
 import ctypes
+import importlib
 import os
 import platform
 import shutil
@@ -226,6 +227,33 @@ def test_gradients_are_bitwise_identical_for_any_thread_count():
     for threads in (2, 3):
         for expected, actual in zip(single, scan_and_conv_gradients(threads)):
             assert torch.equal(actual, expected), threads
+
+
+def test_plain_eager_inference_skips_the_custom_ops_but_observers_see_them(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv_module = importlib.import_module("mambazoo.ops.causal_conv1d")  # the package attribute is the function
+    fused_module = importlib.import_module("mambazoo.ops.fused")
+
+    calls = []
+    for module, name in ((fused_module, "_selective_scan_fused_op"), (conv_module, "_causal_conv1d_native_op")):
+        op = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, op=op, name=name: calls.append(name) or op(*args))
+    inputs = {name: t.float() for name, t in make_inputs(1, 9, 20, 4).items()}
+    weight = torch.randn(20, 4)
+
+    def run() -> torch.Tensor:
+        return selective_scan(**inputs, backend="native") + causal_conv1d(inputs["u"], weight, backend="native")
+
+    with torch.inference_mode():
+        plain = run()
+        assert calls == []
+        with FlopCounterMode(display=False):
+            counted = run()
+        assert len(calls) == 2
+    inputs["u"].requires_grad_()
+    assert torch.equal(run().detach(), plain) and torch.equal(counted, plain)
+    assert len(calls) == 4
 
 
 def run_python(code: str, **env: str) -> str:
