@@ -13,10 +13,12 @@ OpenMP the kernels build single-threaded; without a working C compiler the insta
 falls back to its PyTorch implementations (``make test`` fails in that case, see the README).
 ``MAMBAZOO_NATIVE_ISAS`` (e.g. ``"avx2 portable"``) restricts which variants are compiled.
 """
+import contextlib
 import os
 import sys
 import tempfile
 from glob import glob
+from typing import Iterator
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -41,11 +43,29 @@ OPENMP_PROBE = "#include <omp.h>\nint main(void) { return omp_get_max_threads() 
 X86_PROBE = "#if !defined(__x86_64__) && !defined(__i386__)\n#error not x86\n#endif\nint probe(void) { return 0; }\n"
 
 
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Send the compiler's output to /dev/null (probes that fail on purpose would print errors)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for descriptor in saved:
+                os.close(descriptor)
+
+
 class NativeBuild(build_ext):
     """Compile the kernel sources once per ISA and link them, with the dispatcher, into one shared library."""
 
     def _compiles(self, code: str, flags: list[str], link: bool = False) -> bool:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _silenced():
             source = os.path.join(tmp, "probe.c")
             with open(source, "w") as file:
                 file.write(code)
