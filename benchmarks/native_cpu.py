@@ -16,7 +16,8 @@ The forward's physical limit (docs/native.md): per state update and LANES channe
 instructions -- the decay exp(dt·A) is 10 of them (a multiply, round, subtract, compare, 5 FMAs of the polynomial,
 the power-of-two scale) and the update and the C contraction 3 more -- 9 of which compete for the two FMA pipes.
 
-Usage: ``python benchmarks/native_cpu.py [--quick] [--rounds 5] [--threads 2] [--output benchmarks/results/native_cpu.md]``
+Usage: ``python benchmarks/native_cpu.py [--quick] [--rounds 5] [--threads 2] [--label TEXT]
+[--output benchmarks/results/native_cpu.md]``
 """
 import argparse
 import statistics
@@ -158,6 +159,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch (and native) threads (default: torch's)")
     parser.add_argument("--output", default=None, help="write the tables and the machine description (markdown)")
+    parser.add_argument("--label", default=None, help="a line on the run's conditions, written under the title")
     args = parser.parse_args(argv)
     if not native.AVAILABLE:
         raise SystemExit(f"the native backend is unavailable: {native.UNAVAILABLE_REASON}")
@@ -173,6 +175,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     command = " ".join(["python", "benchmarks/native_cpu.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
         "# Native CPU kernels: scan per ISA, conv vs copy, Vim-Ti vs DeiT-Ti", "",
+        *([f"**{args.label}**", ""] if args.label else []),
         f"Produced by `{command}`: one process, {args.rounds} interleaved rounds after one warm-up; medians, ratios "
         "are medians of per-round ratios (method in the script's docstring).", "",
         *machine_description(), f"* native build: {native.describe()}", "",
