@@ -20,6 +20,7 @@ Usage: ``python benchmarks/native_cpu.py [--quick] [--rounds 5] [--threads 2] [-
 [--output benchmarks/results/native_cpu.md]``
 """
 import argparse
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -172,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         ("Vim-Ti vs DeiT-Ti (SDPA), batch 1", model_table(QUICK_MODEL_SIZES if args.quick else MODEL_SIZES,
                                                           args.rounds)),
     ]
-    command = " ".join(["python", "benchmarks/native_cpu.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "benchmarks/native_cpu.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
         "# Native CPU kernels: scan per ISA, conv vs copy, Vim-Ti vs DeiT-Ti", "",
         *([f"**{args.label}**", ""] if args.label else []),
