@@ -16,27 +16,40 @@ The forward's physical limit (docs/native.md): per state update and LANES channe
 instructions -- the decay exp(dt·A) is 10 of them (a multiply, round, subtract, compare, 5 FMAs of the polynomial,
 the power-of-two scale) and the update and the C contraction 3 more -- 9 of which compete for the two FMA pipes.
 
-Usage: ``python benchmarks/native_cpu.py [--quick] [--rounds 5] [--threads 2] [--label TEXT]
+Usage: ``python benchmarks/native_cpu.py [--quick] [--rounds 5] [--threads 2] [--clock wall|cpu] [--label TEXT]
 [--output benchmarks/results/native_cpu.md]``
 """
 import argparse
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from mambazoo.ops import causal_conv1d, native, selective_scan
-from scan import DIM, D_STATE, MATMUL_SIZE, machine_description, make_inputs, seconds, write_atomically
-from vim_cpu import build, time_forward
+from scan import DIM, D_STATE, MATMUL_SIZE, machine_description, make_inputs, write_atomically
+from vim_cpu import build
 
 SCAN_SHAPES = {"forward": [(1, 197), (1, 1025), (8, 1025), (1, 6085)], "forward+backward": [(1, 197), (1, 1025)]}
 QUICK_SCAN_SHAPES = {"forward": [(1, 197)], "forward+backward": [(1, 197)]}
 CONV_LENGTHS, QUICK_CONV_LENGTHS = (197, 6085), (197,)
 MODEL_SIZES, QUICK_MODEL_SIZES = (224, 1248), (224,)
 KERNEL_SIZE = 4
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: the calling thread's CPU time (1 thread only)
+clock = CLOCKS["wall"]
+
+
+def seconds(function: Callable[[], object], repeats: int = 1) -> float:
+    """Time per call of ``function`` by the chosen clock."""
+    start = clock()
+    for _ in range(repeats):
+        function()
+    return (clock() - start) / repeats
 
 
 def interleave(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
@@ -140,13 +153,14 @@ def model_table(sizes: tuple, rounds: int) -> list[str]:
         models = {name: build(name, size) for name in ("deit_tiny", "vim_tiny")}
         image = torch.randn(1, 3, size, size)
         iters = max(1, round(8e5 / size ** 2))  # ~16 forwards per round at 224, 1 at 1248
-        calls = {name: (lambda model=model: time_forward(model, image, iters)) for name, model in models.items()}
+        calls = {name: (lambda model=model: seconds(lambda: model(image), iters)) for name, model in models.items()}
         times = {name: [] for name in models}
-        for call in calls.values():
-            call()
-        for _ in range(rounds):
-            for name, call in calls.items():
-                times[name].append(call())
+        with torch.inference_mode():
+            for call in calls.values():
+                call()
+            for _ in range(rounds):
+                for name, call in calls.items():
+                    times[name].append(call())
         ratios = [deit / vim for deit, vim in zip(times["deit_tiny"], times["vim_tiny"])]
         deit, vim = (1e3 * statistics.median(times[name]) for name in ("deit_tiny", "vim_tiny"))
         lines.append(f"| {size} | {deit:.1f} ({1e3 / deit:.2f}) | {vim:.1f} ({1e3 / vim:.2f}) | "
@@ -161,9 +175,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch (and native) threads (default: torch's)")
     parser.add_argument("--output", default=None, help="write the tables and the machine description (markdown)")
     parser.add_argument("--label", default=None, help="a line on the run's conditions, written under the title")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default), or the thread's CPU time (with --threads 1: on a shared machine it "
+                             "leaves out the time other jobs hold the core)")
     args = parser.parse_args(argv)
     if not native.AVAILABLE:
         raise SystemExit(f"the native backend is unavailable: {native.UNAVAILABLE_REASON}")
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("--clock cpu measures one thread: use it with --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = [
@@ -178,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "# Native CPU kernels: scan per ISA, conv vs copy, Vim-Ti vs DeiT-Ti", "",
         *([f"**{args.label}**", ""] if args.label else []),
         f"Produced by `{command}`: one process, {args.rounds} interleaved rounds after one warm-up; medians, ratios "
-        "are medians of per-round ratios (method in the script's docstring).", "",
+        f"are medians of per-round ratios (method in the script's docstring); {args.clock} clock.", "",
         *machine_description(), f"* native build: {native.describe()}", "",
         *(line for title, table in sections for line in (f"## {title}", "", *table, "")),
     ])
