@@ -79,12 +79,25 @@ typedef struct {
     int64_t n_blocks, segment, n_segments;
 } conv_plan;
 
+/* One output vector of the forward: `lanes` channels of block `block` at a step whose K input rows are `rows` (the
+ * first `padding` of them are the zeros in front of the sequence). */
+INLINE void forward_vector(const conv_plan *p, const float *const *rows, int64_t block, int lanes, int64_t padding,
+                           int silu_on, const int K, float *out_row) {
+    const vfloat *w = p->weight + block * K;
+    vfloat out = p->bias[block];
+    for (int64_t k = 0; k < K; ++k)
+        out += w[k] * (k < padding ? splat(0.0f) : load_lanes(rows[k] + block * LANES, lanes));
+    store_lanes(out_row + block * LANES, silu_on ? silu(out) : out, lanes);
+}
+
 /* Forward of one (batch, segment) item: rows in order, every channel block of a row in turn (the rows a step reads
- * were read by the previous steps, so they come from L1). */
+ * were read by the previous steps, so they come from L1). Full blocks and the partial last block run separate loops,
+ * so the hot one has no lane-count test. */
 INLINE void forward_item(const mz_conv_args *a, const conv_plan *p, int64_t item, const int K, float *y) {
     int64_t batch = item / p->n_segments, first = (item % p->n_segments) * p->segment;
     int64_t end = min_i64(first + p->segment, a->length), dim = a->dim, stride = a->x_length_stride;
-    int silu_on = a->silu;
+    int64_t full_blocks = dim / LANES;
+    int silu_on = a->silu, tail = (int)(dim % LANES);
     const float *x = a->x + batch * a->x_batch_stride;
     float *y_batch = y + batch * a->length * dim;
     for (int64_t step = first; step < end; ++step) {
@@ -95,18 +108,14 @@ INLINE void forward_item(const mz_conv_args *a, const conv_plan *p, int64_t item
         }
         float *out_row = y_batch + conv_time(a, step) * dim;
         int64_t padding = step >= K - 1 ? 0 : K - 1 - step; /* the first steps read some of the zeros in front */
-        for (int64_t block = 0; block < p->n_blocks; ++block) {
-            int lanes = (int)min_i64(dim - block * LANES, LANES);
-            const vfloat *w = p->weight + block * K;
-            vfloat out = p->bias[block];
-            if (padding == 0) {
-                for (int k = 0; k < K; ++k) out += w[k] * load_lanes(rows[k] + block * LANES, lanes);
-            } else {
-                for (int64_t k = 0; k < K; ++k)
-                    out += w[k] * (k < padding ? splat(0.0f) : load_lanes(rows[k] + block * LANES, lanes));
-            }
-            store_lanes(out_row + block * LANES, silu_on ? silu(out) : out, lanes);
+        if (padding == 0) {
+            for (int64_t block = 0; block < full_blocks; ++block)
+                forward_vector(p, rows, block, LANES, 0, silu_on, K, out_row);
+        } else {
+            for (int64_t block = 0; block < full_blocks; ++block)
+                forward_vector(p, rows, block, LANES, padding, silu_on, K, out_row);
         }
+        if (tail) forward_vector(p, rows, full_blocks, tail, padding, silu_on, K, out_row);
     }
 }
 
