@@ -101,8 +101,8 @@ INLINE void load_state(const float *src, const block_view *v, int N, vfloat *h) 
 INLINE int64_t time_index(const mz_scan_args *a, int64_t step) { return a->reverse ? a->length - 1 - step : step; }
 
 /* Step size after bias and softplus (`softplus_on` is a compile-time constant equal to a->delta_softplus). */
-INLINE vfloat step_size(const block_view *v, int64_t t, int softplus_on) {
-    vfloat dt = load_lanes(v->delta + t * v->step_delta, v->lanes) + v->bias;
+INLINE vfloat step_size(const block_view *v, int64_t t, int softplus_on, int lanes) {
+    vfloat dt = load_lanes(v->delta + t * v->step_delta, lanes) + v->bias;
     return softplus_on ? softplus(dt) : dt;
 }
 
@@ -110,9 +110,11 @@ INLINE vfloat step_size(const block_view *v, int64_t t, int softplus_on) {
  * step (a growing state) is allowed too. */
 INLINE vfloat decay_of(vfloat dt, vfloat A2, int softplus_on) { return exp2_upto(dt * A2, !softplus_on); }
 
-INLINE void forward_block(const mz_scan_args *a, int64_t item, const int N, const int softplus_on, float *y,
-                          float *last_state, float *chunk_states) {
-    block_view v = make_view(a, item);
+/* `full` (a compile-time constant) says the block has LANES channels: its loads and stores then need no lane count. */
+INLINE void forward_block(const mz_scan_args *a, const block_view *view, const int N, const int softplus_on,
+                          const int full, float *y, float *last_state, float *chunk_states) {
+    block_view v = *view;
+    const int lanes = full ? LANES : v.lanes;
     vfloat A2[MAX_STATE], h[MAX_STATE];
     load_A(a, &v, N, LOG2E, A2);
     for (int n = 0; n < N; ++n) h[n] = splat(0.0f);
@@ -122,8 +124,8 @@ INLINE void forward_block(const mz_scan_args *a, int64_t item, const int N, cons
         int64_t end = min_i64((chunk + 1) * a->chunk_size, a->length);
         for (int64_t step = chunk * a->chunk_size; step < end; ++step) {
             int64_t t = time_index(a, step);
-            vfloat dt = step_size(&v, t, softplus_on);
-            vfloat u = load_lanes(v.u + t * v.step_u, v.lanes);
+            vfloat dt = step_size(&v, t, softplus_on, lanes);
+            vfloat u = load_lanes(v.u + t * v.step_u, lanes);
             vfloat du = dt * u;
             const float *Bt = v.B + t * v.step_B, *Ct = v.C + t * v.step_C;
             vfloat acc[2] = {v.has_skip ? v.skip * u : splat(0.0f), splat(0.0f)}; /* two chains halve the latency */
@@ -133,8 +135,8 @@ INLINE void forward_block(const mz_scan_args *a, int64_t item, const int N, cons
                 acc[n & 1] += h[n] * Ct[n];
             }
             vfloat out = acc[0] + acc[1];
-            if (v.z) out *= silu(load_lanes(v.z + t * v.step_z, v.lanes));
-            store_lanes(y + (v.batch * a->length + t) * a->dim + v.first_channel, out, v.lanes);
+            if (v.z) out *= silu(load_lanes(v.z + t * v.step_z, lanes));
+            store_lanes(y + (v.batch * a->length + t) * a->dim + v.first_channel, out, lanes);
         }
     }
     store_state(last_state + v.batch * a->dim * N, &v, N, h);
@@ -155,7 +157,7 @@ INLINE void recompute_chunk(const mz_scan_args *a, const block_view *v, const in
                             const vfloat *A2, int64_t start, int64_t end, thread_scratch *s) {
     for (int64_t step = start; step < end; ++step) {
         int64_t t = time_index(a, step), i = step - start;
-        vfloat dt = step_size(v, t, softplus_on);
+        vfloat dt = step_size(v, t, softplus_on, v->lanes);
         vfloat du = dt * load_lanes(v->u + t * v->step_u, v->lanes);
         const float *Bt = v->B + t * v->step_B;
         s->steps[i] = dt;
@@ -246,7 +248,12 @@ typedef void (*backward_fn)(const mz_scan_args *, int64_t, int64_t, const float 
 
 #define SPECIALISE(NAME, N, SOFTPLUS)                                                                              \
     static void forward_##NAME(const mz_scan_args *a, int64_t item, float *y, float *last, float *chunks) {         \
-        forward_block(a, item, N, SOFTPLUS, y, last, chunks);                                                      \
+        block_view view = make_view(a, item);                                                                      \
+        if (view.lanes == LANES) {                                                                                 \
+            forward_block(a, &view, N, SOFTPLUS, 1, y, last, chunks);                                              \
+        } else {                                                                                                   \
+            forward_block(a, &view, N, SOFTPLUS, 0, y, last, chunks);                                              \
+        }                                                                                                          \
     }                                                                                                              \
     static void backward_##NAME(const mz_scan_args *a, int64_t item, int64_t chunk, const float *chunks,           \
                                 const float *gy, const mz_scan_grads *g, item_carry *c, float *pB, float *pC,      \
