@@ -26,7 +26,10 @@ from setuptools.command.build_ext import build_ext
 try:
     from setuptools.command.bdist_wheel import bdist_wheel
 except ImportError:  # setuptools < 70.1
-    from wheel.bdist_wheel import bdist_wheel
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:  # building in place without the wheel package: no wheel to tag
+        bdist_wheel = None
 
 LIBRARY_NAME = "libmambazoo_native.so"
 DISPATCH_SOURCE = "csrc/dispatch.c"
@@ -119,13 +122,16 @@ class NativeBuild(build_ext):
         return []  # a ctypes library, not a Python module: no PyInit_* symbol
 
 
-class PlatformWheel(bdist_wheel):
-    """Tag wheels py3-none-<platform>: the library has no Python ABI."""
+commands = {"build_ext": NativeBuild}
+if bdist_wheel is not None:
+    class PlatformWheel(bdist_wheel):
+        """Tag wheels py3-none-<platform>: the library has no Python ABI."""
 
-    def get_tag(self) -> tuple[str, str, str]:
-        return ("py3", "none", super().get_tag()[2])
+        def get_tag(self) -> tuple[str, str, str]:
+            return ("py3", "none", super().get_tag()[2])
 
+    commands["bdist_wheel"] = PlatformWheel
 
 native = Extension("mambazoo._native", sources=KERNEL_SOURCES + [DISPATCH_SOURCE], depends=HEADERS, optional=True)
 
-setup(ext_modules=[native], cmdclass={"build_ext": NativeBuild, "bdist_wheel": PlatformWheel})
+setup(ext_modules=[native], cmdclass=commands)
