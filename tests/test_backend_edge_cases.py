@@ -169,7 +169,8 @@ def test_scan_custom_op_passes_opcheck_for_every_kernel(kernel):
         return  # its backward runs in the op's autograd formula, not as the backward op
     _, _, chunk_states = SCAN_OP(*inputs.tensors(), True, True, kernel)
     generator = torch.Generator().manual_seed(0)
-    grad_y, grad_state = torch.randn(shape[:3], generator=generator), torch.randn((shape[0], *shape[2:]), generator=generator)
+    grad_y = torch.randn(shape[:3], generator=generator)
+    grad_state = torch.randn((shape[0], *shape[2:]), generator=generator)
     torch.library.opcheck(torch.ops.mambazoo.selective_scan_fused_bwd.default,
                           (grad_y, grad_state, *inputs.tensors(), chunk_states, True, True, kernel), test_utils=CHECKS)
 

@@ -85,8 +85,10 @@ static double conv_error(int (*forward)(const conv_args *, float *)) {
         for (int t = 0; t < LENGTH; ++t) {
             for (int d = 0; d < DIM; ++d) {
                 double out = bias[d];
-                for (int k = 0; k < TAPS; ++k)
-                    if (t - TAPS + 1 + k >= 0) out += weight[d * TAPS + k] * x[(b * LENGTH + t - TAPS + 1 + k) * DIM + d];
+                for (int k = 0; k < TAPS; ++k) {
+                    int source = t - TAPS + 1 + k;
+                    if (source >= 0) out += weight[d * TAPS + k] * x[(b * LENGTH + source) * DIM + d];
+                }
                 out /= 1 + exp(-out);
                 worst = fmax(worst, fabs(out - y[(b * LENGTH + t) * DIM + d]));
                 largest = fmax(largest, fabs(out));
