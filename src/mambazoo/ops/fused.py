@@ -45,6 +45,21 @@ def check_A_sign(A: Tensor, backend: str) -> None:
             raise ValueError(A_SIGN_ERROR)
 
 
+SCAN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_scan_tensor(name: str, tensor: Tensor, shape: tuple, device: torch.device) -> None:
+    """A scan input is a floating tensor of ``shape`` on ``device``; otherwise an error naming it."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in SCAN_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but u is on {device}")
+
+
 KernelT = TypeVar("KernelT")
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import capabilities
 from .capabilities import backend_names, resolve_backend
-from .fused import FusedKernel, check_A_sign, register_kernel, selective_scan_fused
+from .fused import FusedKernel, check_A_sign, check_scan_tensor, register_kernel, selective_scan_fused
 from .reference import selective_scan_reference
 from .torch_scan import selective_scan_torch
 
@@ -16,7 +16,6 @@ __all__ = ["selective_scan", "available_backends", "backend_status", "route_thro
            "routing_through_custom_op", "BACKENDS"]
 
 BACKENDS = backend_names("selective_scan")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _route_through_custom_op = False
 
 
@@ -30,17 +29,6 @@ def available_backends() -> tuple[str, ...]:
     return tuple(name for name, status in backend_status().items() if status == "available")
 
 
-def _check_tensor(name: str, tensor: Tensor, shape: tuple, device: torch.device) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {tensor.dtype}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but u is on {device}")
-
-
 def _check_arguments(u, delta, A, B, C, D, z, delta_bias) -> None:
     if not isinstance(u, Tensor) or u.dim() != 3:
         raise ValueError(f"u must be a (batch, length, dim) tensor, got {getattr(u, 'shape', type(u).__name__)}")
@@ -49,16 +37,16 @@ def _check_arguments(u, delta, A, B, C, D, z, delta_bias) -> None:
     batch, length, dim = u.shape
     d_state = A.shape[1]
     device = u.device
-    _check_tensor("u", u, (batch, length, dim), device)
-    _check_tensor("delta", delta, (batch, length, dim), device)
-    _check_tensor("A", A, (dim, d_state), device)
-    _check_tensor("B", B, (batch, length, d_state), device)
-    _check_tensor("C", C, (batch, length, d_state), device)
+    check_scan_tensor("u", u, (batch, length, dim), device)
+    check_scan_tensor("delta", delta, (batch, length, dim), device)
+    check_scan_tensor("A", A, (dim, d_state), device)
+    check_scan_tensor("B", B, (batch, length, d_state), device)
+    check_scan_tensor("C", C, (batch, length, d_state), device)
     for name, tensor in (("D", D), ("delta_bias", delta_bias)):
         if tensor is not None:
-            _check_tensor(name, tensor, (dim,), device)
+            check_scan_tensor(name, tensor, (dim,), device)
     if z is not None:
-        _check_tensor("z", z, (batch, length, dim), device)
+        check_scan_tensor("z", z, (batch, length, dim), device)
     for name, tensor in (("delta", delta), ("B", B), ("C", C), ("z", z)):
         if tensor is not None and tensor.dtype != u.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but u has {u.dtype}; cast them to one dtype")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .capabilities import backend_names, resolve_backend
-from .fused import check_A_sign
+from .fused import check_A_sign, check_scan_tensor
 from .fused_state_scan import StateKernel, register_state_kernel, state_scan_fused
 from .selective_scan import routing_through_custom_op
 from .torch_scan import DEFAULT_CHUNK_SIZE, linear_scan
@@ -26,7 +26,6 @@ from .torch_scan import DEFAULT_CHUNK_SIZE, linear_scan
 __all__ = ["STATE_SCAN_BACKENDS", "state_scan", "state_scan_reference", "state_scan_torch"]
 
 STATE_SCAN_BACKENDS = backend_names("state_scan")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -123,27 +122,16 @@ def _torch_kernel_backward(grad_states, states, u, delta, A, B, delta_bias, delt
 register_state_kernel("torch", StateKernel(_torch_kernel_forward, _torch_kernel_backward, float64_states=True))
 
 
-def _check_tensor(name: str, tensor: Tensor, shape: tuple, device: torch.device) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {tensor.dtype}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but u is on {device}")
-
-
 def _check_arguments(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Optional[Tensor]) -> None:
     if not isinstance(u, Tensor) or u.dim() != 3:
         raise ValueError(f"u must be a (batch, length, dim) tensor, got {getattr(u, 'shape', type(u).__name__)}")
     batch, length, dim = u.shape
-    _check_tensor("u", u, (batch, length, dim), u.device)
-    _check_tensor("delta", delta, (batch, length, dim), u.device)
-    _check_tensor("A", A, (dim, 1), u.device)
-    _check_tensor("B", B, (batch, length, 1), u.device)
+    check_scan_tensor("u", u, (batch, length, dim), u.device)
+    check_scan_tensor("delta", delta, (batch, length, dim), u.device)
+    check_scan_tensor("A", A, (dim, 1), u.device)
+    check_scan_tensor("B", B, (batch, length, 1), u.device)
     if delta_bias is not None:
-        _check_tensor("delta_bias", delta_bias, (dim,), u.device)
+        check_scan_tensor("delta_bias", delta_bias, (dim,), u.device)
     for name, tensor in (("delta", delta), ("B", B)):
         if tensor.dtype != u.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but u has {u.dtype}; cast them to one dtype")
