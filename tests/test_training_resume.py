@@ -21,7 +21,7 @@ RUN_ARGS = DIGITS_ARGS + ["-b", "128", "--epochs", "2", "--lr", "3e-3", "--mixup
 # Replaces safetensors' writer in the child: the KILL_AT-th checkpoint file is written halfway, then SIGKILL.
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import mambazoo.training.checkpoints as checkpoints
+    import safetensors.torch
     from safetensors.torch import save_file
 
     kill_at, calls = int(sys.argv[1]), []
@@ -33,7 +33,7 @@ KILLER = textwrap.dedent("""
             os.truncate(path, os.path.getsize(path) // 2)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoints.save_file = crash_midway
+    safetensors.torch.save_file = crash_midway  # what mambazoo.checkpoint.save_state_dict calls
     from mambazoo.train import main
     sys.exit(main(sys.argv[2:]))
 """)

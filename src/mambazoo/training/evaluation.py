@@ -15,8 +15,9 @@ from typing import Any, Optional, Sequence
 import torch
 from timm.data import create_transform, resolve_data_config
 
+from ..checkpoint import write_text
 from ..zoo import check_model_name, create_model, create_model_for_size
-from .checkpoints import load_model_weights, resolve_weights_file, write_text
+from .checkpoints import load_model_weights, resolve_weights_file
 from .classification import ClassificationTask, add_data_config_arguments, data_config_args
 from .config import load_run_config
 from .data import build_classification_datasets, create_eval_loader
