@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 
 from mambazoo.dense.evaluation import CocoEvaluator, ConfusionMatrix, detections_to_coco
 from mambazoo.dense.synthetic import mask_to_rle
+from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 
 HEIGHT, WIDTH = 40, 60
 
