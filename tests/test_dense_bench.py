@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "dense_cpu.py"
 
 

@@ -135,6 +135,16 @@ def test_upernet_overfits_through_the_engine_and_stops_at_the_iteration_count(im
 
 
 
+@pytest.mark.parametrize("flags", [DETECTION, SEGMENTATION], ids=["detection", "segmentation"])
+def test_amp_ema_gradient_checkpointing_and_channels_last_run_the_dense_models(images: Path, tmp_path: Path,
+                                                                               flags: list[str]) -> None:
+    result = train(flags + ["--data-dir", str(images), "-b", "4", "--epochs", "1", "--warmup-steps", "0", "--amp",
+                            "--model-ema", "--grad-checkpointing", "--channels-last", "--output", str(tmp_path)])
+    metric = "eval_bbox_AP" if "detection" in flags else "eval_mIoU"
+    assert np.isfinite(result.history[0]["train_loss"]) and f"ema_{metric}" in result.history[0]
+    assert any(getattr(module, "grad_checkpointing", False) for module in result.model.modules())
+
+
 def test_detection_run_killed_mid_checkpoint_resumes_bitwise(images: Path, tmp_path: Path) -> None:
     """Multi-scale resizing and RPN/RoI sampling (torch RNG), flips (per-sample seeds) and drop path are on; 4 steps
     an epoch at batch 2, recovery checkpoints every 3 steps."""

@@ -28,9 +28,11 @@ def _add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> 
 
     group = parser.add_argument_group("Data")
     group.add_argument("--data-dir", default=None, metavar="DIR",
-                       help="ImageFolder root with train/ and val/ (or the Fashion-MNIST files' folder)")
+                       help="data root: an ImageFolder with train/ and val/ (or the Fashion-MNIST files' folder); "
+                            "detection and segmentation layouts: docs/dense.md")
     group.add_argument("--dataset", default="folder", metavar="NAME",
-                       help="digits | fashion-mnist | folder (ImageFolder at --data-dir, the default)")
+                       help="classification: digits | fashion-mnist | folder (ImageFolder at --data-dir, the "
+                            "default); detection: folder | coco; segmentation: folder | ade20k")
     group.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="data loading processes per rank")
     group.add_argument("--aug-repeats", type=int, default=0, metavar="N",
                        help="repeated augmentation: each image N times per epoch, spread over ranks (DeiT)")
