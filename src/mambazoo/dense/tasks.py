@@ -6,6 +6,7 @@ The tasks own the data layouts of ``--data-dir``, the models and their weights, 
 box/mask AP, mIoU) and the ``--recipe`` presets, made from :mod:`mambazoo.dense.recipes`. ``mambazoo validate``
 evaluates their runs and ``mambazoo predict`` draws with them. Guide: ``docs/dense.md`` ("Training").
 """
+import abc
 import argparse
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -178,12 +179,13 @@ class _DenseTask(Task):
         if args.train_repeats < 1:
             raise ValueError(f"--train-repeats must be positive, got {args.train_repeats}")
 
+    @abc.abstractmethod
     def _read_split(self, split: str) -> Dataset:
         """The ``train`` or ``val`` split of ``--data-dir``, without transforms."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _class_names(self, dataset: Dataset) -> list[str]:
-        raise NotImplementedError
+        """The class names of a split, in label order."""
 
     def _splits(self, train: Optional[Dataset], val: Dataset) -> DatasetSplits:
         args = self.args
@@ -211,9 +213,9 @@ class _DenseTask(Task):
         return self._splits(None, self._read_split("val"))
 
     # ----------------------------------------------------------------------------------------------- model
+    @abc.abstractmethod
     def create_model(self) -> nn.Module:
         """The dense model for ``args.num_classes`` classes with its backbone weights (see :func:`build_backbone`)."""
-        raise NotImplementedError
 
     def build_model(self, datasets: Optional[DatasetSplits] = None) -> nn.Module:
         """:meth:`create_model`, then ``--initial-checkpoint`` (a whole dense model: file or run folder) if given."""
@@ -235,7 +237,8 @@ class _DenseTask(Task):
         backbone = find_backbone(model)[1]
         return dict(mean=list(backbone.mean), std=list(backbone.std))
 
-    def _kept(self, loader: DataLoader, seen: int, count: int) -> int:
+    @staticmethod
+    def _kept(loader: DataLoader, seen: int, count: int) -> int:
         """How many of the next ``count`` samples are real (the distributed evaluation sampler pads with repeats)."""
         limit = evaluation_sample_limit(loader)
         return count if limit is None else max(0, min(count, limit - seen))

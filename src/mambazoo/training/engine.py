@@ -272,12 +272,15 @@ class Trainer:
         self.dist.barrier()
 
     def _sync_norm_statistics(self) -> None:
-        """Under FSDP2, average the BatchNorm running statistics over the ranks (timm's ``distribute_bn``) so that
-        evaluation and checkpoints see one model; DDP broadcasts rank 0's buffers at every forward pass itself."""
+        """Under FSDP2, average the BatchNorm running statistics of the model and its EMA over the ranks (timm's
+        ``distribute_bn``) so that evaluation and checkpoints see one model; DDP broadcasts rank 0's buffers at every
+        forward pass itself."""
         if self.args.fsdp and self.dist.enabled:
             from timm.utils import distribute_bn
 
-            distribute_bn(self.module, self.dist.world_size, reduce=True)
+            for module in (self.module, self.ema.module if self.ema is not None else None):
+                if module is not None:
+                    distribute_bn(module, self.dist.world_size, reduce=True)
 
     def _load_state(self, path: Path) -> None:
         from safetensors.torch import load_file
