@@ -45,7 +45,7 @@ class OptionalNativeBuild(build_ext):
 
 native = Extension(
     "mambazoo._native",
-    sources=["csrc/selective_scan.c", "csrc/causal_conv1d.c"],
+    sources=["csrc/selective_scan.c", "csrc/state_scan.c", "csrc/causal_conv1d.c"],
     depends=["csrc/simd.h"],
     optional=True,
 )

@@ -1,78 +1,71 @@
-"""GPU benchmark of the Triton selective scan and of Vim-Ti vs DeiT-Ti (needs a CUDA device).
+"""GPU benchmarks of the Triton kernels and of the Vim family against DeiT (needs a CUDA device).
 
-Part 1, kernels: forward and forward+backward time of the ``triton`` and ``torch`` scan backends (and mamba_ssm's
-``selective_scan_fn`` when importable) on Vim-Ti shapes (D = 384, N = 16, z gate, D skip, delta_bias + softplus),
-with the achieved bandwidth on the minimal IO against the device's copy bandwidth measured in the same run.
-Part 2, models: Vim-Ti vs DeiT-Ti inference images/s and peak memory at several resolutions, batch 64, bf16 autocast
-(timm ``benchmark.py`` method: ``inference_mode``, 10 warm-up and 40 timed steps, synchronised).
+Parts (each writes ``<out>/<part>.md`` and ``<out>/<part>.json`` atomically, with the machine description):
 
-Method: every implementation runs in one process, interleaved round-robin, several rounds; medians of CUDA-event
-times; speedups are medians of per-round ratios. Results go to ``benchmarks/results/scan_gpu_<device>.md``
-(written atomically).
+* ``kernels``: forward and forward+backward time of the Triton selective scan on Vim-Ti shapes (D = 384, N = 16, z
+  gate, D skip, delta_bias + softplus) for batch {1, 64} × length {197, 1025, 6085}, float32 and bfloat16 inputs;
+  achieved bandwidth on the minimal IO against the device-to-device copy bandwidth measured in the same run; the
+  fwd+bwd / fwd ratio; the launch configuration (segments). Also the Triton causal conv1d (forward, fwd+bwd).
+* ``tune``: the scan's launch knobs (``mambazoo.ops.triton_scan.TUNING``) swept on two shapes, to replace the
+  reasoned defaults by measured ones.
+* ``models``: ``mambazoo.bench`` runs — bf16-autocast inference at batch 64 of Vim-Ti vs DeiT-Ti (fused SDPA and
+  materialised attention) at 224/512/1024/1248 px; Vim-S, DeiT-S, PlainMamba-L1 and MambaOut-Femto at 224; training
+  steps at batch 128, 224 px, with peak memory (Vim-Ti vs DeiT-Ti).
+* ``profile``: ``torch.profiler`` summary (GPU time per kernel) of Vim-Ti training steps, batch 128, bf16 autocast.
 
-Usage: ``python benchmarks/scan_gpu.py [--rounds 7] [--dtype float32] [--skip-models]``
+Method: kernels are timed with CUDA events, warm-up first, then interleaved rounds (forward and forward+backward of a
+shape alternate), medians; ratios are medians of per-round ratios. Models follow timm's benchmark.py via
+``mambazoo.bench`` (models interleaved per resolution).
+
+Usage: ``python benchmarks/scan_gpu.py {kernels,tune,models,profile,all} [--out DIR] [--rounds 7]``; the one-command
+GPU check (tests + all parts, time-boxed) is ``benchmarks/gpu_check.sh``. ``--smoke`` runs every part at tiny sizes
+(on CPU under ``TRITON_INTERPRET=1`` when there is no GPU) to check the script itself.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from mambazoo.ops import selective_scan
+from mambazoo import bench
+from mambazoo.ops import causal_conv1d, selective_scan
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DIM, D_STATE = 384, 16
-BATCHES, LENGTHS = (1, 64), (197, 1025, 6085)
-RESOLUTIONS = (224, 512, 1024, 1248)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def scan_bytes(batch: int, length: int, element_size: int, backward: bool) -> int:
-    """Minimal HBM traffic of one scan call (each tensor read or written once; parameters ignored).
-
-    Forward: read u, delta, z (B·L·D) and B, C (B·L·N); write y. Backward adds: read u, delta, z, B, C and grad_y;
-    write du, ddelta, dz, dB, dC.
-    """
-    sequence, projection = batch * length * DIM, batch * length * D_STATE
-    forward = (4 * sequence + 2 * projection) * element_size
-    return forward + (7 * sequence + 4 * projection) * element_size if backward else forward
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
+D_STATE, KERNEL = 16, 4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_inputs(batch: int, length: int, dtype: torch.dtype, requires_grad: bool) -> dict:
-    """Vim-Ti-like scan inputs on the GPU (Mamba init: steps log-uniform in [1e-3, 1e-1]); A, D, bias in fp32."""
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, device="cuda", dtype=dtype)
+class Sizes:
+    """Benchmark sizes (``--smoke`` shrinks them to check the script on a CPU)."""
 
-    step = torch.exp(torch.empty(DIM, device="cuda").uniform_(-6.9, -2.3))
-    inputs = dict(
-        u=randn(batch, length, DIM),
-        delta=0.5 * randn(batch, length, DIM),
-        A=-torch.arange(1, D_STATE + 1, device="cuda", dtype=torch.float32).repeat(DIM, 1),
-        B=randn(batch, length, D_STATE),
-        C=randn(batch, length, D_STATE),
-        D=torch.ones(DIM, device="cuda"),
-        z=randn(batch, length, DIM),
-        delta_bias=step + torch.log(-torch.expm1(-step)),
-    )
-    return {name: tensor.requires_grad_(requires_grad) for name, tensor in inputs.items()}
+    dim, batches, lengths, resolutions = 384, (1, 64), (197, 1025, 6085), (224, 512, 1024, 1248)
+    model_batch, train_batch, vim, deit, profile_model = 64, 128, "vim_tiny_patch16_224", "deit_tiny_patch16_224", \
+        "vim_tiny_patch16_224"
+
+    @classmethod
+    def smoke(cls) -> None:
+        cls.dim, cls.batches, cls.lengths, cls.resolutions = 8, (1, 2), (9, 20), (32, 48)
+        cls.model_batch, cls.train_batch, cls.vim, cls.deit, cls.profile_model = 2, 2, "test_vim", "test_vit", \
+            "test_vim"
 
 
-def mamba_ssm_scan() -> Optional[Callable]:
-    """mamba_ssm's CUDA ``selective_scan_fn`` (channels-first) when it is installed with its CUDA build."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:
-        return None
-    return selective_scan_fn
-
+# ----------------------------------------------------------------------------------------------------------------------
+# Timing helpers
+# ----------------------------------------------------------------------------------------------------------------------
 
 def timed(function: Callable[[], None]) -> float:
-    """Milliseconds of one call, measured with CUDA events."""
+    """Milliseconds of one call, measured with CUDA events (wall clock on CPU)."""
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        function()
+        return 1000 * (time.perf_counter() - start)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     function()
@@ -81,185 +74,290 @@ def timed(function: Callable[[], None]) -> float:
     return start.elapsed_time(end)
 
 
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(callables: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Per-callable lists of milliseconds, measured round-robin after a warm-up (compilation, autotuning)."""
+    for _ in range(warmup):
+        for function in callables.values():
+            function()
+    synchronize()
+    times = {name: [] for name in callables}
+    for _ in range(rounds):
+        for name, function in callables.items():
+            times[name].append(timed(function))
+    return times
+
+
 def copy_bandwidth_gbs(rounds: int) -> float:
     """Achievable HBM bandwidth: a 1 GiB device-to-device copy (read + write), median GB/s."""
-    source = torch.empty(1 << 28, device="cuda", dtype=torch.float32)
+    source = torch.empty(1 << (28 if DEVICE == "cuda" else 20), device=DEVICE, dtype=torch.float32)
     target = torch.empty_like(source)
-    target.copy_(source)
-    times = [timed(lambda: target.copy_(source)) for _ in range(rounds)]
+    times = interleaved({"copy": lambda: target.copy_(source)}, rounds)["copy"]
     return 2 * source.numel() * 4 / statistics.median(times) / 1e6
 
 
-def theoretical_bandwidth_gbs() -> Optional[float]:
-    """Peak from the memory clock and bus width when torch exposes them (DDR: 2 transfers per clock)."""
-    properties = torch.cuda.get_device_properties(0)
-    clock_khz, bus_bits = getattr(properties, "memory_clock_rate", None), getattr(properties, "memory_bus_width", None)
-    if not clock_khz or not bus_bits:
-        return None
-    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+def empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
-def kernel_callables(inputs: dict, channels_first: dict, mamba: Optional[Callable], backward: bool) -> dict:
-    """One zero-argument callable per implementation (forward, or forward + backward of sum(y·g))."""
-    grad = torch.randn_like(inputs["u"]) if backward else None
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+def scan_bytes(batch: int, length: int, element_size: int, backward: bool) -> int:
+    """Minimal HBM traffic of one scan call (each tensor read or written once; parameters and checkpoints ignored).
+
+    Forward: read u, delta, z (B·L·D) and B, C (B·L·N); write y. Backward adds: read u, delta, z, B, C and grad_y;
+    write du, ddelta, dz, dB, dC.
+    """
+    sequence, projection = batch * length * Sizes.dim, batch * length * D_STATE
+    forward = (4 * sequence + 2 * projection) * element_size
+    return forward + (7 * sequence + 4 * projection) * element_size if backward else forward
+
+
+def scan_inputs(batch: int, length: int, dtype: torch.dtype, requires_grad: bool) -> dict:
+    """Vim-Ti-like scan inputs (Mamba init: steps log-uniform in [1e-3, 1e-1]); A, D, bias in float32."""
+    dim = Sizes.dim
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=DEVICE, dtype=dtype)
+
+    step = torch.exp(torch.empty(dim, device=DEVICE).uniform_(-6.9, -2.3))
+    inputs = dict(u=randn(batch, length, dim), delta=0.5 * randn(batch, length, dim),
+                  A=-torch.arange(1, D_STATE + 1, device=DEVICE, dtype=torch.float32).repeat(dim, 1),
+                  B=randn(batch, length, D_STATE), C=randn(batch, length, D_STATE), D=torch.ones(dim, device=DEVICE),
+                  z=randn(batch, length, dim), delta_bias=step + torch.log(-torch.expm1(-step)))
+    return {name: tensor.requires_grad_(requires_grad) for name, tensor in inputs.items()}
+
+
+def scan_callables(batch: int, length: int, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
+    """Forward (inference) and forward+backward of one Triton scan call."""
+    inputs = scan_inputs(batch, length, dtype, requires_grad=True)
     ordered = [inputs[key] for key in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    grad = torch.randn_like(inputs["u"])
 
-    def ours(backend: str) -> Callable[[], None]:
-        def run() -> None:
-            y = selective_scan(*ordered, backend=backend)
-            if backward:
-                torch.autograd.backward(y, grad)
-        return run
+    def forward() -> None:
+        with torch.no_grad():
+            selective_scan(*ordered, backend="triton")
 
-    callables = {"triton": ours("triton"), "torch": ours("torch")}
-    if mamba is not None:
-        first = [channels_first[key] for key in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-        grad_first = grad.transpose(1, 2).contiguous() if backward else None
+    def forward_backward() -> None:
+        torch.autograd.backward(selective_scan(*ordered, backend="triton"), grad)
 
-        def run_mamba() -> None:
-            y = mamba(*first, delta_softplus=True)
-            if backward:
-                torch.autograd.backward(y, grad_first)
-        callables["mamba_ssm"] = run_mamba
-    return callables
+    return dict(fwd=forward, fwd_bwd=forward_backward)
 
 
-def bench_kernels(rounds: int, dtype: torch.dtype, bandwidth: float) -> list[str]:
-    """Markdown table rows for every (batch, length) and pass."""
-    mamba = mamba_ssm_scan()
+def conv_callables(batch: int, length: int, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
+    x = torch.randn(batch, length, Sizes.dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = torch.randn(x.shape[-1], KERNEL, device=DEVICE, requires_grad=True)
+    bias = torch.randn(x.shape[-1], device=DEVICE, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def forward() -> None:
+        with torch.no_grad():
+            causal_conv1d(x, weight, bias, reverse=True, backend="triton")
+
+    def forward_backward() -> None:
+        torch.autograd.backward(causal_conv1d(x, weight, bias, reverse=True, backend="triton"), grad)
+
+    return dict(fwd=forward, fwd_bwd=forward_backward)
+
+
+def kernels_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    from mambazoo.ops.triton_scan import launch_config
+
+    bandwidth = copy_bandwidth_gbs(args.rounds)
     rows = []
-    for backward in (False, True):
-        for batch in BATCHES:
-            for length in LENGTHS:
-                inputs = make_inputs(batch, length, dtype, requires_grad=backward)
-                channels_first = {key: (value.detach().transpose(1, 2).contiguous().requires_grad_(backward)
-                                        if value.dim() == 3 else value) for key, value in inputs.items()}
-                callables = kernel_callables(inputs, channels_first, mamba, backward)
-                times = {name: [] for name in callables}
-                for name, function in callables.items():  # warm-up (compilation, autotuning, allocator)
-                    function()
-                torch.cuda.synchronize()
-                for _ in range(rounds):
-                    for name, function in callables.items():
-                        times[name].append(timed(function))
-                moved = scan_bytes(batch, length, inputs["u"].element_size(), backward)
-                triton_ms = statistics.median(times["triton"])
-                cells = [f"{'fwd+bwd' if backward else 'fwd'}", str(batch), str(length),
-                         f"{triton_ms:.3f}", f"{moved / triton_ms / 1e6:.0f}",
-                         f"{100 * moved / triton_ms / 1e6 / bandwidth:.0f}%"]
-                for other in ("torch", "mamba_ssm"):
-                    if other in times:
-                        ratio = statistics.median(a / b for a, b in zip(times[other], times["triton"]))
-                        cells.append(f"{statistics.median(times[other]):.3f} (x{ratio:.2f})")
-                    else:
-                        cells.append("n/a")
-                rows.append("| " + " | ".join(cells) + " |")
+    for dtype_name, dtype in DTYPES.items():
+        for batch in Sizes.batches:
+            for length in Sizes.lengths:
+                times = interleaved(scan_callables(batch, length, dtype), args.rounds)
+                element = torch.empty((), dtype=dtype).element_size()
+                fwd, both = statistics.median(times["fwd"]), statistics.median(times["fwd_bwd"])
+                segments = [launch_config(batch, length, Sizes.dim, torch.device(DEVICE), backward).n_seg
+                            for backward in (False, True)]
+                rows.append(dict(op="scan", dtype=dtype_name, batch=batch, length=length, fwd_ms=round(fwd, 4),
+                                 fwd_gbs=round(scan_bytes(batch, length, element, False) / fwd / 1e6),
+                                 fwd_pct_copy_bw=round(100 * scan_bytes(batch, length, element, False) / fwd / 1e6
+                                                       / bandwidth, 1),
+                                 fwd_bwd_ms=round(both, 4),
+                                 fwd_bwd_gbs=round(scan_bytes(batch, length, element, True) / both / 1e6),
+                                 fwd_bwd_over_fwd=round(median_ratio(times["fwd_bwd"], times["fwd"]), 2),
+                                 segments_fwd_bwd=f"{segments[0]}/{segments[1]}"))
                 print(rows[-1], flush=True)
-                del inputs, channels_first, callables
-                torch.cuda.empty_cache()
-    return rows
+                empty_cache()
+        for batch, length in ((Sizes.batches[-1], Sizes.lengths[0]), (Sizes.batches[-1], Sizes.lengths[1]),
+                              (Sizes.batches[0], Sizes.lengths[-1])):
+            times = interleaved(conv_callables(batch, length, dtype), args.rounds)
+            element = torch.empty((), dtype=dtype).element_size()
+            moved = 2 * batch * length * Sizes.dim * element  # read x, write y
+            fwd, both = statistics.median(times["fwd"]), statistics.median(times["fwd_bwd"])
+            rows.append(dict(op="conv1d k4 reverse", dtype=dtype_name, batch=batch, length=length,
+                             fwd_ms=round(fwd, 4), fwd_gbs=round(moved / fwd / 1e6),
+                             fwd_pct_copy_bw=round(100 * moved / fwd / 1e6 / bandwidth, 1), fwd_bwd_ms=round(both, 4),
+                             fwd_bwd_gbs=round(5 * batch * length * Sizes.dim * element / both / 1e6),
+                             fwd_bwd_over_fwd=round(median_ratio(times["fwd_bwd"], times["fwd"]), 2)))
+            print(rows[-1], flush=True)
+    notes = [f"Copy bandwidth measured in this run: **{bandwidth:.0f} GB/s** (1 GiB device-to-device copy).",
+             "GB/s = minimal IO / time (`scan_bytes`: fwd reads u, delta, z, B, C and writes y; fwd+bwd adds the "
+             f"backward's reads and writes; conv: fwd reads x and writes y, fwd+bwd 5 passes). Scan shapes: D = "
+             f"{Sizes.dim}, N = 16, z, D, delta_bias + softplus, forward direction; conv: {Sizes.dim} channels, "
+             "kernel 4, reverse, SiLU. "
+             f"Median of {args.rounds} interleaved rounds (CUDA events). segments = sequence segments of the forward/"
+             "backward launch (1 = not split)."]
+    return notes, rows
 
 
-def bench_model(name: str, resolution: int, batch: int, warmup: int, iterations: int) -> tuple[float, float]:
-    """(images/s, peak MiB) of bf16-autocast inference, timm benchmark.py style; raises on OOM."""
-    import timm
+def tune_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    from mambazoo.ops import triton_scan
 
-    model = timm.create_model(name, img_size=resolution, num_classes=1000).cuda().eval()
-    images = torch.randn(batch, 3, resolution, resolution, device="cuda")
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for _ in range(warmup):
-            model(images)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for _ in range(iterations):
-            model(images)
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**20
-    del model, images
-    torch.cuda.empty_cache()
-    return batch * iterations / elapsed, peak
-
-
-def bench_models(batch: int, warmup: int, iterations: int) -> list[str]:
-    """Markdown rows: Vim-Ti vs DeiT-Ti per resolution (guarded until the Vim model is registered)."""
-    import timm
-
-    if "vim_tiny_patch16_224" not in timm.list_models("vim_tiny_patch16_224"):
-        return ["| (vim_tiny_patch16_224 is not registered in this checkout: model table skipped) |"]
+    defaults = dict(triton_scan.TUNING)
+    variations = [dict()]
+    variations += [dict(forward_block_d=16), dict(backward_block_d=16)]
+    variations += [dict(forward_stages=stages) for stages in (1, 2, 4)]
+    variations += [dict(backward_stages=stages) for stages in (1, 3)]
+    variations += [dict(target_programs_per_sm=target) for target in (4, 16)]
+    variations += [dict(split_below_programs_per_sm=8)]
     rows = []
-    for resolution in RESOLUTIONS:
-        cells = [str(resolution)]
-        throughput = {}
-        for name in ("deit_tiny_patch16_224", "vim_tiny_patch16_224"):
-            try:
-                throughput[name], peak = bench_model(name, resolution, batch, warmup, iterations)
-                cells.append(f"{throughput[name]:.0f} img/s, {peak:.0f} MiB")
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                cells.append("OOM")
-        if len(throughput) == 2:
-            cells.append(f"x{throughput['vim_tiny_patch16_224'] / throughput['deit_tiny_patch16_224']:.2f}")
-        else:
-            cells.append("n/a")
-        rows.append("| " + " | ".join(cells) + " |")
+    for batch, length in ((Sizes.batches[-1], Sizes.lengths[1]), (Sizes.batches[0], Sizes.lengths[-1])):
+        for change in variations:
+            triton_scan.TUNING.update(defaults, **change)
+            times = interleaved(scan_callables(batch, length, torch.float32), args.rounds)
+            rows.append(dict(batch=batch, length=length, change=", ".join(f"{k}={v}" for k, v in change.items())
+                             or "defaults", fwd_ms=round(statistics.median(times["fwd"]), 4),
+                             fwd_bwd_ms=round(statistics.median(times["fwd_bwd"]), 4)))
+            print(rows[-1], flush=True)
+    triton_scan.TUNING.update(defaults)
+    notes = [f"Defaults: {defaults}. float32, D = {Sizes.dim}, N = 16; median of {args.rounds} rounds per "
+             "configuration (configurations run one after the other, so compare within a shape only)."]
+    return notes, rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models and profile
+# ----------------------------------------------------------------------------------------------------------------------
+
+def models_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    common = dict(device=DEVICE, precision="amp", amp_dtype="bfloat16", repeats=args.model_rounds,
+                  num_warm_iter=3, num_bench_iter=args.model_iters, progress=False)
+    vim, deit, size = Sizes.vim, Sizes.deit, Sizes.resolutions[0]
+    rows = bench.sweep([vim, f"{deit}:math", deit], list(Sizes.resolutions), batch_size=Sizes.model_batch,
+                       baseline=deit, **common)
+    others = ["vim_small_patch16_224", "plainmamba_l1", "mambaout_femto", "deit_small_patch16_224"]
+    others = others if DEVICE == "cuda" else ["test_plainmamba", "test_mambaout"]
+    rows += bench.sweep(others + [deit], [size if DEVICE == "cuda" else 64], batch_size=Sizes.model_batch,
+                        baseline=deit, **common)
+    for name in (vim, deit):
+        row = bench.benchmark(name, batch_size=Sizes.train_batch, img_size=size, bench="train", device=DEVICE,
+                              precision="amp", amp_dtype="bfloat16", num_warm_iter=3,
+                              num_bench_iter=args.model_iters, count_gmacs=False)
+        rows.append(dict(row, label=f"{name} (train)"))
         print(rows[-1], flush=True)
-    return rows
+    notes = ["Inference: bf16 autocast, batch 64, `mambazoo.bench.sweep` (timm benchmark.py method, models "
+             f"interleaved per resolution, {args.model_rounds} rounds of {args.model_iters} steps; "
+             "speed_vs_baseline = median per-round ratio vs DeiT-Ti with fused SDPA attention). Training: batch 128, "
+             "224 px, bf16 autocast, SGD step (`mambazoo.bench.benchmark`). Peak memory = torch.cuda max allocated."]
+    return notes, rows
 
 
-def machine_description() -> str:
+def profile_part(args: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+
+    size = Sizes.resolutions[0]
+    model = timm.create_model(Sizes.profile_model, img_size=size).to(DEVICE).train()
+    images = torch.randn(Sizes.train_batch, 3, size, size, device=DEVICE)
+    targets = torch.randint(0, model.num_classes, (Sizes.train_batch,), device=DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(3):
+            step()
+        synchronize()
+    # GPU kernels by their device time; on CPU (smoke runs) the operators by their own CPU time.
+    own_time = (lambda e: e.self_device_time_total) if DEVICE == "cuda" else (lambda e: e.self_cpu_time_total)
+    events = [event for event in profiler.key_averages() if own_time(event) > 0]
+    total = sum(own_time(event) for event in events)
+    events.sort(key=lambda event: -own_time(event))
+    rows = [dict(kernel=event.key[:90], calls=event.count // 3, ms_per_step=round(own_time(event) / 3 / 1000, 3),
+                 share_pct=round(100 * own_time(event) / total, 1)) for event in events[:30]]
+    notes = [f"{Sizes.profile_model} training step, batch {Sizes.train_batch}, {size} px, bf16 autocast, SGD; 3 "
+             f"profiled steps after 3 warm-up steps. {DEVICE.upper()} time per step: {total / 3 / 1000:.2f} ms (sum of "
+             "kernel self times). Top 30 by time."]
+    return notes, rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------------------------------
+
+def machine() -> dict:
     import triton
 
-    properties = torch.cuda.get_device_properties(0)
-    return (f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB, {properties.multi_processor_count} SMs; "
-            f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")
+    description = dict(bench.machine_description(DEVICE), triton=triton.__version__)
+    if DEVICE == "cuda":
+        properties = torch.cuda.get_device_properties(0)
+        description.update(gpu_memory_gib=round(properties.total_memory / 2**30),
+                           sms=properties.multi_processor_count, cuda=torch.version.cuda)
+    return description
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+def write(out: Path, part: str, notes: list[str], rows: list[dict], seconds: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = machine()
+    text = "\n".join([f"# GPU check: {part}", "", *(f"* **{k}**: {v}" for k, v in meta.items()), "", *notes, "",
+                      f"Wall time of this part: {seconds:.0f} s.", "", bench.markdown_table(rows), ""])
+    for suffix, content in ((".md", text), (".json", json.dumps(dict(meta=meta, notes=notes, results=rows),
+                                                                indent=2) + "\n")):
+        with tempfile.NamedTemporaryFile("w", dir=out, delete=False, suffix=".tmp") as handle:
+            handle.write(content)
+        os.replace(handle.name, out / f"{part}{suffix}")
+    print(f"wrote {out / part}.md", flush=True)
+
+
+PARTS = dict(kernels=kernels_part, tune=tune_part, models=models_part, profile=profile_part)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per shape")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="scan input dtype")
-    parser.add_argument("--batch", type=int, default=64, help="model benchmark batch size")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--iterations", type=int, default=40)
-    parser.add_argument("--skip-models", action="store_true", help="only the kernel table")
+    parser.add_argument("part", choices=[*PARTS, "all"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per kernel shape")
+    parser.add_argument("--model-rounds", type=int, default=3, help="interleaved rounds per resolution (models)")
+    parser.add_argument("--model-iters", type=int, default=10, help="timed steps per model and round")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script (CPU: TRITON_INTERPRET=1)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.smoke:
+        Sizes.smoke()
+    elif DEVICE != "cuda":
         sys.exit("scan_gpu.py needs a CUDA device (none found); the CPU scan benchmark is benchmarks/scan.py")
-    from mambazoo.ops import available_backends
-    if "triton" not in available_backends():
-        sys.exit("the triton scan backend is unavailable here; see mambazoo.ops.backend_status()")
+    if DEVICE != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("without a GPU the smoke run needs TRITON_INTERPRET=1 (the Triton kernels run interpreted)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-
-    bandwidth, peak = copy_bandwidth_gbs(args.rounds), theoretical_bandwidth_gbs()
-    peak_text = f"{peak:.0f} GB/s theoretical" if peak else "theoretical peak not exposed by torch"
-    lines = [f"# Triton selective scan on {torch.cuda.get_device_name(0)}", "",
-             f"Machine: {machine_description()}.", "",
-             f"## Kernels (D = {DIM}, N = {D_STATE}, z, D, delta_bias + softplus; {args.dtype}; "
-             f"median of {args.rounds} interleaved rounds)", "",
-             f"Bandwidth limit: {bandwidth:.0f} GB/s measured device copy; {peak_text}. GB/s = minimal IO / time "
-             "(`scan_bytes`). Other columns: median ms (x = median per-round time ratio vs triton; >1 = triton "
-             "faster).",
-             "", "| pass | B | L | triton ms | triton GB/s | % of copy BW | torch ms | mamba_ssm ms |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += bench_kernels(args.rounds, DTYPES[args.dtype], bandwidth)
-    if not args.skip_models:
-        lines += ["", f"## Vim-Ti vs DeiT-Ti inference (batch {args.batch}, bf16 autocast, {args.warmup} warm-up + "
-                  f"{args.iterations} steps)", "", "| px | DeiT-Ti | Vim-Ti | Vim/DeiT img/s |", "|---|---|---|---|"]
-        lines += bench_models(args.batch, args.warmup, args.iterations)
-    device = torch.cuda.get_device_name(0).replace(" ", "_").lower()
-    path = RESULTS / f"scan_gpu_{device}.md"
-    write_atomically(path, "\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    for part in PARTS if args.part == "all" else [args.part]:
+        started = time.perf_counter()
+        notes, rows = PARTS[part](args)
+        write(args.out, part, notes, rows, time.perf_counter() - started)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,32 @@ def test_sweep_writes_valid_csv_json_markdown_png(tmp_path: Path) -> None:
     assert paths[3].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("precision,expected", [("amp", torch.bfloat16), ("bfloat16", torch.bfloat16)])
+def test_sweep_runs_reduced_precision(monkeypatch, precision, expected) -> None:
+    seen = []
+    build = bench.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        return model
+
+    monkeypatch.setattr(bench, "build_model", build_and_watch)
+    rows = bench.sweep(["test_vit"], [32], repeats=1, precision=precision, amp_dtype="bfloat16", progress=False)
+    assert rows[0]["infer_precision"] == precision and rows[0]["infer_samples_per_sec"] > 0
+    assert seen and set(seen) == {expected}
+
+
+def test_cli_sweep_accepts_amp_and_refuses_train(tmp_path: Path, capsys) -> None:
+    arguments = ["bench", "-m", "test_vit", "--sweep", "32", "-b", "1", "--repeats", "1", "--num-warm-iter", "0",
+                 "--num-bench-iter", "1", "--no-progress", "--precision", "amp", "--amp-dtype", "bfloat16"]
+    assert cli.main(arguments + ["--out-dir", str(tmp_path), "--name", "amp"]) == 0
+    stored = json.loads((tmp_path / "amp.json").read_text())
+    assert stored["meta"]["precision"] == "amp (bfloat16)" and stored["results"][0]["infer_precision"] == "amp"
+    assert cli.main(arguments + ["--bench", "train"]) == 2
+    assert "--sweep measures eager inference" in capsys.readouterr().err
+
+
 def test_sweep_records_failures_instead_of_aborting() -> None:
     rows = bench.sweep(["test_vit", "test_mambaout:math"], [32], repeats=1, progress=False, baseline="test_vit")
     assert "no timm attention module" in rows[1]["error"] and rows[0]["infer_samples_per_sec"] > 0

@@ -10,7 +10,7 @@ from torch import nn
 
 import mambazoo
 from mambazoo.export import ONNX_RTOL, export_onnx
-from mambazoo.ops import causal_conv1d, selective_scan
+from mambazoo.ops import causal_conv1d, selective_scan, state_scan
 from mambazoo.ops.causal_conv1d import causal_conv1d_torch
 
 onnx = pytest.importorskip("onnx")
@@ -138,3 +138,39 @@ def test_every_family_exports_to_onnx_and_matches_eager(tmp_path: Path, name: st
 def test_dynamic_batch_needs_an_example_batch_of_two(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="example batch of at least 2"):
         export_onnx(timm.create_model("test_mambaout"), tmp_path / "m.onnx", torch.randn(1, 3, 32, 32))
+
+
+class StateScanVariants(nn.Module):
+    """The all-states scan with and without a step bias, forward and reverse."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(4)
+        self.A = nn.Parameter(-torch.rand(dim, 1, generator=generator) * 4 - 0.5)
+        self.bias = nn.Parameter(torch.randn(dim, generator=generator) - 2)
+
+    def forward(self, u, delta, B):
+        return torch.stack([state_scan(u, delta, self.A, B, delta_bias=self.bias if with_bias else None,
+                                       reverse=reverse)
+                            for with_bias in (True, False) for reverse in (False, True)])
+
+    def reference(self, u, delta, B) -> torch.Tensor:
+        """The same scans by the float64 reference backend."""
+        u, delta, A, B, bias = (t.double() for t in (u, delta, self.A, B, self.bias))
+        return torch.stack([state_scan(u, delta, A, B, delta_bias=bias if with_bias else None, reverse=reverse,
+                                       backend="reference")
+                            for with_bias in (True, False) for reverse in (False, True)])
+
+
+def test_state_scan_translation_matches_the_float64_reference(tmp_path: Path) -> None:
+    module = StateScanVariants(dim=5)
+    generator = torch.Generator().manual_seed(5)
+    u, delta = (torch.randn(2, 11, 5, generator=generator) for _ in range(2))
+    delta = 3 * delta
+    delta[1, 3, 2] = 25.0  # softplus' linear branch
+    B = torch.randn(2, 11, 1, generator=generator)
+    _export(module, (u, delta, B), tmp_path / "state_scan.onnx")
+    assert sum(node.op_type == "Scan" for node in _all_nodes(onnx.load(str(tmp_path / "state_scan.onnx")))) >= 1
+    got = torch.from_numpy(_ort_run(tmp_path / "state_scan.onnx", u, delta, B))
+    with torch.no_grad():
+        torch.testing.assert_close(got.double(), module.reference(u, delta, B), rtol=1e-5, atol=1e-5)

@@ -353,7 +353,7 @@ def test_compile_matches_eager():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         eager = model(x)
-        compiled = torch.compile(model)(x)
+        compiled = torch.compile(model, fullgraph=True)(x)  # no graph break anywhere in the model
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 

@@ -12,7 +12,7 @@ A block that needs a download is preceded by an HTML comment the reader does not
 
 ``WEIGHTS["format:model"]`` is the path of a local stand-in for a downloaded file, written on first use: random weights
 of ``model`` in an official file format (``vim-training-checkpoint``, ``mmcls``, ``mambaout-release``,
-``timm-training-checkpoint``, ``hf-safetensors``), a plain
+``timm-training-checkpoint``, ``hf-safetensors``, ``spatialmamba-training-checkpoint``), a plain
 ``safetensors`` state dict, or ``pt2``, a ``torch.export`` program.
 """
 import argparse
@@ -71,6 +71,10 @@ def _snippets(language: str) -> list[Snippet]:
     return snippets
 
 
+class TrainingConfig(dict):
+    """A pickled config object of a kind ``weights_only`` loading refuses (as the yacs ``CfgNode`` upstream saves)."""
+
+
 class LocalWeights(dict):
     """Stand-in files for downloads, created on first use in one folder."""
 
@@ -99,6 +103,9 @@ class LocalWeights(dict):
         elif file_format == "hf-safetensors":  # the Hugging Face wrapper keeps the network as attribute `model`
             save_state_dict({f"model.{k}": v for k, v in state.items()}, path.with_suffix(".safetensors"))
             path = path.with_suffix(".safetensors")
+        elif file_format == "spatialmamba-training-checkpoint":  # what EdwardChasel/Spatial-Mamba publishes
+            torch.save({"model": state, "model_ema": state, "epoch": 300, "config": TrainingConfig(MODEL=dict(TYPE=name))},
+                       path)
         elif file_format == "safetensors":
             save_state_dict(state, path)
         elif file_format == "pt2":

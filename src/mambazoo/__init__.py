@@ -13,11 +13,13 @@ __version__ = "0.1.0"
 _LAZY_ATTRIBUTES = {
     "available_backends": "mambazoo.ops",
     "selective_scan": "mambazoo.ops",
+    "state_scan": "mambazoo.ops",
     "create_model": "mambazoo.zoo",
     "list_models": "mambazoo.zoo",
 }
 _SUBMODULES = ("bench", "checkpoint", "cli", "export", "flops", "layers", "models", "ops", "zoo")
-__all__ = ["available_backends", "create_model", "list_models", "models", "ops", "selective_scan", "__version__"]
+__all__ = ["available_backends", "create_model", "list_models", "models", "ops", "selective_scan", "state_scan",
+           "__version__"]
 
 register_models_with_timm()
 

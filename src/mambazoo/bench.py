@@ -437,6 +437,9 @@ def sweep(
         num_warm_iter: int = 1,
         num_bench_iter: int = 1,
         device: str = "cpu",
+        precision: str = "float32",
+        amp_dtype: str = "bfloat16",
+        channels_last: bool = False,
         baseline: Optional[str] = None,
         progress: bool = True,
 ) -> list[dict]:
@@ -455,6 +458,9 @@ def sweep(
         num_warm_iter: Warm-up steps per model and resolution.
         num_bench_iter: Timed steps per model and round.
         device: Torch device string.
+        precision: ``"float32"``, ``"float16"``, ``"bfloat16"`` (model and input cast) or ``"amp"`` (autocast).
+        amp_dtype: Autocast dtype for ``precision="amp"``.
+        channels_last: Use the channels-last memory format for models and input.
         baseline: Spec to compute ratios against; default the last model.
         progress: Show a tqdm progress bar.
     """
@@ -466,12 +472,13 @@ def sweep(
     baseline_spec = ModelSpec.parse(baseline) if baseline else specs[-1]
     if baseline_spec not in specs:
         raise ValueError(f"baseline {baseline!r} is not among the models {list(models)}")
-    device_ = resolve_device(device)
+    device_, dtype, amp_dtype_ = _resolve_options(device, precision, amp_dtype)
+    setup = _SweepSetup(batch_size, repeats, num_warm_iter, num_bench_iter, device_, dtype, precision, amp_dtype_,
+                        channels_last)
     bar = _progress_bar(len(resolutions) * len(specs) * (1 + repeats), progress, "sweep", "run")
     rows = []
     for img_size in resolutions:
-        rows.extend(_sweep_resolution(specs, baseline_spec, img_size, batch_size, repeats, num_warm_iter,
-                                      num_bench_iter, device_, bar))
+        rows.extend(_sweep_resolution(specs, baseline_spec, img_size, setup, bar))
     bar.close()
     return rows
 
@@ -482,37 +489,54 @@ def _progress_bar(total: int, enabled: bool, description: str, unit: str):
     return tqdm(total=total, disable=not enabled, desc=description, unit=unit)
 
 
-def _sweep_resolution(specs: list[ModelSpec], baseline: ModelSpec, img_size: int, batch_size: int, repeats: int,
-                      num_warm_iter: int, num_bench_iter: int, device: torch.device, bar) -> list[dict]:
-    inputs = torch.randn((batch_size, 3, img_size, img_size), device=device)
+@dataclass(frozen=True)
+class _SweepSetup:
+    """What every run of a sweep shares."""
+
+    batch_size: int
+    repeats: int
+    num_warm_iter: int
+    num_bench_iter: int
+    device: torch.device
+    dtype: torch.dtype
+    precision: str
+    amp_dtype: torch.dtype
+    channels_last: bool
+
+
+def _sweep_resolution(specs: list[ModelSpec], baseline: ModelSpec, img_size: int, setup: _SweepSetup,
+                      bar) -> list[dict]:
+    inputs = torch.randn((setup.batch_size, 3, img_size, img_size), device=setup.device, dtype=setup.dtype)
+    if setup.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     steps, errors, params = {}, {}, {}
     for spec in specs:
         bar.set_postfix_str(f"{img_size}px build+warm-up {spec.key}")
         try:
-            net = build_model(spec, img_size, device).eval()
+            net = build_model(spec, img_size, setup.device, setup.dtype, setup.channels_last).eval()
             params[spec] = round(sum(p.numel() for p in net.parameters()) / 1e6, 2)
-            steps[spec] = _inference_step(net, inputs, device, "float32", torch.float32)
-            for _ in range(num_warm_iter):
+            steps[spec] = _inference_step(net, inputs, setup.device, setup.precision, setup.amp_dtype)
+            for _ in range(setup.num_warm_iter):
                 steps[spec]()
         except (RuntimeError, ValueError, TypeError, AssertionError) as error:
             errors[spec] = f"{type(error).__name__}: {error}"[:200]
             steps.pop(spec, None)
         bar.update(1)
     results = {spec: [] for spec in steps}
-    for _ in range(repeats):
+    for _ in range(setup.repeats):
         for spec, step in steps.items():
             bar.set_postfix_str(f"{img_size}px {spec.key}")
-            results[spec].append(_measure(step, device, batch_size, 0, num_bench_iter))
+            results[spec].append(_measure(step, setup.device, setup.batch_size, 0, setup.num_bench_iter))
             bar.update(1)
         bar.update(len(errors))
-    return [_sweep_row(spec, img_size, batch_size, params.get(spec), results.get(spec), results.get(baseline),
+    return [_sweep_row(spec, img_size, setup, params.get(spec), results.get(spec), results.get(baseline),
                        errors.get(spec)) for spec in specs]
 
 
-def _sweep_row(spec: ModelSpec, img_size: int, batch_size: int, params: Optional[float], runs: Optional[list],
+def _sweep_row(spec: ModelSpec, img_size: int, setup: _SweepSetup, params: Optional[float], runs: Optional[list],
                baseline_runs: Optional[list], error: Optional[str]) -> dict:
-    row = dict(model=spec.key, label=spec.label, infer_img_size=img_size, infer_batch_size=batch_size,
-               param_count=params)
+    row = dict(model=spec.key, label=spec.label, infer_img_size=img_size, infer_batch_size=setup.batch_size,
+               infer_precision=setup.precision, param_count=params)
     if error is not None:
         return dict(row, error=error)
     speeds = [run["samples_per_sec"] for run in runs]

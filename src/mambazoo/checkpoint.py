@@ -6,7 +6,10 @@ Every family's loading goes through this module, so every loading error names th
   (plus an allow-list of the classes a family's official files pickle, e.g. ``argparse.Namespace`` in Vim's training
   checkpoints). A missing path, a directory, an empty file, a truncated or corrupt file and a disallowed pickled
   class each raise an error naming the file (:class:`FileNotFoundError`, :class:`IsADirectoryError` or
-  :class:`CheckpointError`).
+  :class:`CheckpointError`). With ``unknown_objects="placeholder"`` a file that pickles other objects (e.g. a yacs
+  config in Spatial-Mamba's training checkpoints) is read again with a restricted unpickler that resolves only the
+  globals PyTorch's weights-only loader allows and turns every other class into an inert :class:`Placeholder`:
+  nothing from the file is imported or called, the tensors load intact.
 * :func:`check_state_dict` compares a (converted) state dict with a model and raises :class:`CheckpointMismatchError`
   listing the missing, unexpected and mis-shaped keys, grouped over block indices (``layers.{0-23}.norm.weight``)
   so that another model's checkpoint gives a short, readable listing. Families call it at the end of their
@@ -31,9 +34,12 @@ A family's model file uses it like this::
             FamilyModel, variant, pretrained, filter_fn=checkpoint_filter_fn,
             safe_globals=(argparse.Namespace,), feature_cfg=dict(...), **kwargs)
 """
+import _compat_pickle
 import contextlib
+import logging
 import os
 import pickle
+import types
 import re
 import tempfile
 import zipfile
@@ -46,6 +52,7 @@ from torch import Tensor, nn
 __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
+    "Placeholder",
     "atomic_write",
     "build_model_with_checkpoint",
     "check_checkpoint_path",
@@ -60,6 +67,8 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 # Marks the temporary files of atomic writes: ``.<target name>.tmp-<random>``.
 TEMPORARY_MARK = ".tmp-"
+UNKNOWN_OBJECTS = ("error", "placeholder")
+_logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -267,7 +276,79 @@ def check_checkpoint_path(path: PathLike) -> Path:
     return path
 
 
-def load_checkpoint_file(path: PathLike, safe_globals: Sequence[Any] = ()) -> dict:
+class Placeholder(dict):
+    """Stands in for a pickled object of a class the loader does not allow; keeps only that class's name.
+
+    It accepts whatever unpickling does to an object (construction with any arguments, ``__setstate__``, item and
+    list assignment) and does nothing beyond storing dict items, which are themselves already-safe values.
+    """
+
+    source = "unknown"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"Placeholder({self.source})"
+
+
+def _allowed_globals(safe_globals: Sequence[Any]) -> dict[str, Any]:
+    """The globals PyTorch's weights-only unpickler allows, plus ``add_safe_globals`` entries and ``safe_globals``."""
+    from torch import _weights_only_unpickler
+
+    allowed = dict(_weights_only_unpickler._get_allowed_globals())
+    for entry in [*torch.serialization.get_safe_globals(), *safe_globals]:
+        obj, name = entry if isinstance(entry, tuple) else (entry, f"{entry.__module__}.{entry.__qualname__}")
+        allowed[name] = obj
+    return allowed
+
+
+def _restricted_pickle_module(safe_globals: Sequence[Any], replaced: set[str]) -> types.ModuleType:
+    """A pickle-module look-alike for ``torch.load(pickle_module=...)`` whose unpickler resolves only allowed globals;
+    every other global becomes a :class:`Placeholder` subclass named after it (recorded in ``replaced``)."""
+    allowed = _allowed_globals(safe_globals)
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            # Python 2 names (protocol 2, torch.save's default), mapped as pickle.Unpickler.find_class does
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            key = f"{module}.{name}"
+            if key in allowed:
+                return allowed[key]
+            replaced.add(key)
+            return type(name, (Placeholder,), {"source": key})
+
+    module = types.ModuleType("mambazoo_restricted_pickle")
+    module.Unpickler = RestrictedUnpickler
+    module.load = lambda file, **kwargs: RestrictedUnpickler(file, **kwargs).load()
+    module.UnpicklingError = pickle.UnpicklingError
+    return module
+
+
+def _load_with_placeholders(path: Path, safe_globals: Sequence[Any]) -> Any:
+    replaced: set[str] = set()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False,
+                                pickle_module=_restricted_pickle_module(safe_globals, replaced))
+    except Exception as error:  # any failure of the restricted reader: report it with the file, never retry unsafely
+        raise CheckpointError(f"checkpoint file '{path}' cannot be read safely: {error}. Convert it to a plain state "
+                              f"dict (torch.save(ckpt['model'], ...)) or safetensors in a trusted environment.") \
+            from error
+    _logger.info("%s: objects of %s were replaced by inert placeholders", path, ", ".join(sorted(replaced)))
+    return checkpoint
+
+
+def load_checkpoint_file(path: PathLike, safe_globals: Sequence[Any] = (), unknown_objects: str = "error") -> dict:
     """Load a ``.safetensors`` file or a ``torch.save`` checkpoint onto the CPU, safely.
 
     ``torch.save`` files load with ``weights_only=True``: only tensors, containers and the classes in
@@ -276,10 +357,15 @@ def load_checkpoint_file(path: PathLike, safe_globals: Sequence[Any] = ()) -> di
     Args:
         path: The file.
         safe_globals: Classes the file may pickle besides tensors and containers (e.g. ``argparse.Namespace``).
+        unknown_objects: What to do with other pickled objects: ``"error"`` (a :class:`CheckpointError` naming the
+            remedy) or ``"placeholder"`` (read the file again without running any of it, other objects becoming
+            :class:`Placeholder` instances; for training checkpoints whose configs are not needed).
 
     Returns:
         What the file holds: a state dict, or a training checkpoint (a dict holding one).
     """
+    if unknown_objects not in UNKNOWN_OBJECTS:
+        raise ValueError(f"unknown_objects must be one of {UNKNOWN_OBJECTS}, got {unknown_objects!r}")
     path = check_checkpoint_path(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -294,12 +380,16 @@ def load_checkpoint_file(path: PathLike, safe_globals: Sequence[Any] = ()) -> di
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "Unsupported global" in str(error):
+        if "Unsupported global" not in str(error):
+            raise CheckpointError(f"checkpoint file '{path}' is corrupt: {first_line}") from error
+        if unknown_objects == "placeholder":
+            checkpoint = _load_with_placeholders(path, safe_globals)
+        else:
+            refused = next(line.strip() for line in str(error).splitlines() if "Unsupported global" in line)
             raise CheckpointError(
-                f"checkpoint file '{path}' pickles objects that weights_only loading does not allow ({first_line}). "
+                f"checkpoint file '{path}' pickles objects that weights_only loading does not allow ({refused}). "
                 f"If you trust the file, allow them with torch.serialization.add_safe_globals([...]) or convert it "
                 f"to safetensors.") from error
-        raise CheckpointError(f"checkpoint file '{path}' is corrupt: {first_line}") from error
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"checkpoint file '{path}' is truncated or not a PyTorch checkpoint "
                               f"({type(error).__name__}: {str(error).strip() or 'unexpected end of file'})") from error
@@ -345,6 +435,7 @@ def build_model_with_checkpoint(
         pretrained: bool,
         filter_fn: Callable[[dict, nn.Module], dict],
         safe_globals: Sequence[Any] = (),
+        unknown_objects: str = "error",
         **kwargs,
 ) -> nn.Module:
     """timm's ``build_model_with_cfg`` with this module's loading for pretrained weights.
@@ -360,6 +451,7 @@ def build_model_with_checkpoint(
         pretrained: Load pretrained weights.
         filter_fn: The family's ``checkpoint_filter_fn(state_dict, model)``.
         safe_globals: Classes the family's official files pickle (allowed by ``weights_only`` loading).
+        unknown_objects: How local files treat other pickled objects (see :func:`load_checkpoint_file`).
         **kwargs: Everything else ``build_model_with_cfg`` takes (``feature_cfg``, model arguments, ...).
     """
     from timm.models import build_model_with_cfg
@@ -367,7 +459,7 @@ def build_model_with_checkpoint(
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     preloaded = None
     if pretrained and overlay.get("file") and overlay.get("state_dict") is None:
-        preloaded = overlay["state_dict"] = load_checkpoint_file(overlay["file"], safe_globals)
+        preloaded = overlay["state_dict"] = load_checkpoint_file(overlay["file"], safe_globals, unknown_objects)
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg_overlay=overlay or None,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from . import __version__
 
-DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambavision_t", "mambaout_femto",
+DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambavision_t", "spatialmamba_t", "mambaout_femto",
                    "deit_tiny_patch16_224:math", "deit_tiny_patch16_224")
 DEMO_RESOLUTIONS = (224, 512, 768, 1024, 1248)
 # Subcommands handled by their own modules (flags: ``mambazoo train --help``; docs/training.md).
@@ -247,15 +247,16 @@ def _run_bench(args: argparse.Namespace) -> None:
     bench.resolve_device(args.device)
     batch_size = args.batch_size or bench.default_batch_size(args.device)
     _warn_if_loaded()
-    meta = dict(machine=bench.machine_description(args.device), cpu_memory_method=bench.CPU_MEMORY_METHOD)
+    precision = args.precision + (f" ({args.amp_dtype})" if args.precision == "amp" else "")
+    meta = dict(machine=bench.machine_description(args.device), cpu_memory_method=bench.CPU_MEMORY_METHOD,
+                precision=precision)
     if args.sweep:
-        if args.bench != "inference" or args.precision != "float32" or args.channels_last or args.torchcompile \
-                or args.model_kwargs:
-            raise ValueError("--sweep measures eager fp32 inference: drop --bench/--precision/--channels-last/"
-                             "--torchcompile/--model-kwargs")
+        if args.bench != "inference" or args.torchcompile or args.model_kwargs:
+            raise ValueError("--sweep measures eager inference: drop --bench/--torchcompile/--model-kwargs")
         rows = bench.sweep(args.model, args.sweep, batch_size=batch_size, repeats=args.repeats,
                            num_warm_iter=args.num_warm_iter, num_bench_iter=args.num_bench_iter,
-                           device=args.device, progress=not args.no_progress)
+                           device=args.device, precision=args.precision, amp_dtype=args.amp_dtype,
+                           channels_last=args.channels_last, progress=not args.no_progress)
     else:
         rows = [bench.benchmark(name, batch_size=batch_size, img_size=args.img_size, bench=args.bench,
                                 device=args.device, precision=args.precision, amp_dtype=args.amp_dtype,
@@ -266,7 +267,7 @@ def _run_bench(args: argparse.Namespace) -> None:
                 for name in args.model]
     print(bench.markdown_table(rows))
     if args.out_dir:
-        title = _plot_title(meta["machine"], batch_size, "float32")
+        title = _plot_title(meta["machine"], batch_size, precision)
         for path in bench.write_results(rows, args.out_dir, args.name, meta, plot=bool(args.sweep),
                                         plot_title=title):
             print(f"wrote {path}")

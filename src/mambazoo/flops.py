@@ -5,7 +5,9 @@ Built on :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matmuls
 every selective scan is routed through the custom op ``mambazoo::selective_scan_fused`` (see
 :func:`mambazoo.ops.selective_scan.route_through_custom_op`), which is mapped to 9·B·L·D·N MACs (``docs/scan.md``, the
 convention of state-spaces/mamba#110 that reproduces PlainMamba's published 3.0/8.1/14.4 G), whatever backend would
-have run it. The native depthwise causal conv1d custom op is mapped to B·L·D·K MACs, like the convolution it
+have run it. The all-states scan (:func:`mambazoo.ops.state_scan`, Spatial-Mamba) is routed the same way through
+``mambazoo::state_scan_fused`` and charged 9·B·L·D·N with N = 1 (``docs/spatialmamba.md`` relates this to the paper's
+fvcore count). The native depthwise causal conv1d custom op is mapped to B·L·D·K MACs, like the convolution it
 replaces. The counter divides FLOPs by 2 to report MACs; timm's benchmark (fvcore) reports the same quantity as
 "GMACs".
 
@@ -27,13 +29,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .ops import causal_conv1d  # noqa: F401  (registers mambazoo::causal_conv1d_native)
+from .ops import causal_conv1d, state_scan  # noqa: F401  (register the mambazoo::causal_conv1d_<kernel> and state-scan ops)
 from .ops.selective_scan import route_through_custom_op
 
 __all__ = ["SCAN_MACS_PER_ELEMENT", "MacCount", "attention_macs", "count_macs", "count_model_macs", "scan_macs"]
 
 SCAN_MACS_PER_ELEMENT = 9
 _SCAN_OP = torch.ops.mambazoo.selective_scan_fused  # FlopCounterMode keys formulas by overload packet
+_STATE_SCAN_OP = torch.ops.mambazoo.state_scan_fused
 
 
 def scan_macs(batch: int, length: int, dim: int, d_state: int) -> int:
@@ -52,6 +55,11 @@ def _scan_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
     return 2 * scan_macs(batch, length, dim, A_shape[1])
 
 
+def _state_scan_flops(u_shape, *args, **kwargs) -> int:
+    batch, length, dim = u_shape
+    return 2 * scan_macs(batch, length, dim, 1)
+
+
 def _causal_conv1d_flops(x_shape, weight_shape, *args, **kwargs) -> int:
     batch, length, dim = x_shape
     return 2 * batch * length * dim * weight_shape[1]  # one MAC per kernel tap and output element
@@ -64,7 +72,9 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -
 # torch's counter has no formula for the CPU attention kernel (it would count 0); meta tensors take the math path.
 _CUSTOM_FLOPS: dict = {
     _SCAN_OP: _scan_flops,
+    _STATE_SCAN_OP: _state_scan_flops,
     torch.ops.mambazoo.causal_conv1d_native: _causal_conv1d_flops,
+    torch.ops.mambazoo.causal_conv1d_triton: _causal_conv1d_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
 }
 
@@ -101,8 +111,8 @@ class MacCount:
 
     @property
     def scan(self) -> int:
-        """MACs charged to selective-scan calls."""
-        return self.by_operator.get(str(_SCAN_OP), 0)
+        """MACs charged to selective-scan calls (all-states scans included)."""
+        return sum(self.by_operator.get(str(op), 0) for op in (_SCAN_OP, _STATE_SCAN_OP))
 
     @property
     def excl_scan(self) -> int:

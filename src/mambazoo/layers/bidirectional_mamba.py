@@ -7,13 +7,14 @@ their sum, which is averaged before ``out_proj``. Parameter names and shapes fol
 (``nn.Conv1d`` weights (E, 1, K)).
 """
 import math
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import capabilities, causal_conv1d, selective_scan
+from .ssm_init import init_step_projection_
 from .tracing import at_least_fp32
 
 __all__ = ["BidirectionalMamba"]
@@ -97,11 +98,7 @@ class BidirectionalMamba(nn.Module):
         """
         if self.A_log.device.type == "meta":
             return
-        dt_min, dt_max, dt_floor = self._dt_range
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        log_dt = torch.rand(self.d_inner, device=self.A_log.device) * math.log(dt_max / dt_min) + math.log(dt_min)
-        dt = log_dt.exp().clamp(min=dt_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_step_projection_(self.dt_proj.weight, self.dt_proj.bias, *self._dt_range)
         self.dt_proj_b.reset_parameters()
         nn.init.zeros_(self.dt_proj_b.bias)
         s4d_real = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device).log()

@@ -1,4 +1,5 @@
 """Model families; importing a module registers its models in timm's registry."""
 from . import mambavision
 from . import plainmamba
+from . import spatialmamba
 from . import vim

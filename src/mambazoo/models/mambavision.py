@@ -27,6 +27,7 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 
 from ..checkpoint import build_model_with_checkpoint, check_state_dict
 from ..checkpoint import load_checkpoint_file as _load_checkpoint_file
+from ..layers.intermediates import resolve_indices
 from ..layers.tracing import at_least_fp32, check_image_batch
 from ..ops import capabilities, selective_scan
 
@@ -356,21 +357,6 @@ def _check_global_pool(global_pool: str) -> None:
         raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
 
 
-def _take_indices(num_levels: int, indices: Optional[Union[int, Sequence[int]]]) -> tuple[list[int], int]:
-    """Level indices to return (None: all, an int n: the last n, a sequence: those; negatives count from the end)."""
-    if indices is None:
-        indices = num_levels
-    if isinstance(indices, int):
-        if not 0 < indices <= num_levels:
-            raise ValueError(f"indices as a count must be in 1..{num_levels}, got {indices}")
-        taken = list(range(num_levels - indices, num_levels))
-    else:
-        taken = [i + num_levels if i < 0 else i for i in indices]
-        if not taken or any(not 0 <= i < num_levels for i in taken):
-            raise ValueError(f"indices must be level indices in -{num_levels}..{num_levels - 1}, got {indices}")
-    return taken, max(taken)
-
-
 class MambaVision(nn.Module):
     """MambaVision: conv stem, two convolutional levels, two levels of window Mamba-mixer and attention blocks.
 
@@ -553,7 +539,7 @@ class MambaVision(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = _take_indices(len(self.levels), indices)
+        take_indices, max_index = resolve_indices(len(self.levels), indices)
         last = len(self.levels) - 1
         stop = max_index if stop_early or intermediates_only else last
         intermediates = []
@@ -578,7 +564,7 @@ class MambaVision(nn.Module):
 
         When the last level is dropped the final BatchNorm goes too: it only fits the last level's width.
         """
-        take_indices, max_index = _take_indices(len(self.levels), indices)
+        take_indices, max_index = resolve_indices(len(self.levels), indices)
         self.levels = self.levels[:max_index + 1]
         self.levels[-1].downsample = nn.Identity()
         if prune_norm or max_index < NUM_LEVELS - 1:

@@ -19,6 +19,8 @@ from timm.layers import DropPath, calculate_drop_path_rates, register_notrace_fu
 from timm.models import checkpoint, generate_default_cfgs, register_model
 
 from ..checkpoint import build_model_with_checkpoint, check_state_dict
+from ..layers.intermediates import resolve_indices
+from ..layers.ssm_init import init_step_projection_
 from ..layers.tracing import check_image_batch
 from ..ops import capabilities, selective_scan
 
@@ -163,10 +165,7 @@ class PlainMamba2D(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self, dt_min: float = 1e-3, dt_max: float = 0.1, dt_floor: float = 1e-4) -> None:
         """Mamba's initialisation of the step projection, A and D; truncated normal (std 0.02) direction table."""
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        log_dt = torch.rand_like(self.dt_proj.bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        dt = log_dt.exp().clamp(min=dt_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_step_projection_(self.dt_proj.weight, self.dt_proj.bias, dt_min, dt_max, dt_floor)
         states = torch.arange(1, self.d_state + 1, dtype=self.A_log.dtype, device=self.A_log.device)
         self.A_log.copy_(states.log().expand_as(self.A_log))
         self.D.fill_(1.0)
@@ -476,21 +475,6 @@ class PlainMamba(nn.Module):
         """Images (B, C, H, W) to logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
-    def _take_indices(self, indices: Optional[Union[int, list[int], tuple[int, ...]]]) -> list[int]:
-        """Layer indices to tap: None gives the quarter points, an int n the last n layers, a sequence those layers
-        (negative values count from the end)."""
-        depth = len(self.layers)
-        if indices is None:
-            return list(_quarter_points(depth))
-        if isinstance(indices, int):
-            if not 0 < indices <= depth:
-                raise ValueError(f"indices as a count must be in 1..{depth}, got {indices}")
-            return list(range(depth - indices, depth))
-        taken = [index % depth if -depth <= index < depth else None for index in indices]
-        if not taken or None in taken:
-            raise ValueError(f"indices must be non-empty layer indices in -{depth}..{depth - 1}, got {indices}")
-        return sorted(set(taken))
-
     def forward_intermediates(
             self,
             x: Tensor,
@@ -516,7 +500,7 @@ class PlainMamba(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices = self._take_indices(indices)
+        take_indices, _ = resolve_indices(len(self.layers), indices, default=_quarter_points(len(self.layers)))
         x, (height, width) = self._embed(x)
         paths = scan_paths((height, width), x.device)
         layers = self.layers[:take_indices[-1] + 1] if stop_early or intermediates_only else self.layers
@@ -539,7 +523,7 @@ class PlainMamba(nn.Module):
             prune_head: bool = True,
     ) -> list[int]:
         """Drop the layers after the last tapped one (and optionally ``ln1`` and the head); returns the taps."""
-        take_indices = self._take_indices(indices)
+        take_indices, _ = resolve_indices(len(self.layers), indices, default=_quarter_points(len(self.layers)))
         self.layers = self.layers[:take_indices[-1] + 1]
         if prune_norm:
             self.ln1 = nn.Identity()

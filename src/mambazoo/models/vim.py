@@ -11,7 +11,7 @@ the middle cls token, a reverse-direction scan instead of flipped copies, and th
 import argparse
 import math
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from ..checkpoint import build_model_with_checkpoint, check_state_dict
 from ..checkpoint import load_checkpoint_file as _load_checkpoint_file
 from ..layers.bidirectional_mamba import BidirectionalMamba
 from ..layers.rms_norm import RMSNorm
+from ..layers.intermediates import resolve_indices
 from ..layers.tracing import at_least_fp32, check_image_batch
 
 __all__ = ["VisionMamba", "checkpoint_filter_fn", "load_checkpoint_file", "resize_pos_embed"]
@@ -87,21 +88,6 @@ def _split_cls_token(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Split (B, M + 1, D) tokens into the patch tokens (B, M, D) and the middle cls token (B, 1, D)."""
     middle = (x.shape[1] - 1) // 2
     return torch.cat([x[:, :middle], x[:, middle + 1:]], dim=1), x[:, middle:middle + 1]
-
-
-def _take_indices(num_blocks: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
-    """Absolute block indices to return (None: all, int n: the last n, sequence: those, negatives from the end)."""
-    if indices is None:
-        indices = num_blocks
-    if isinstance(indices, int):
-        if not 0 < indices <= num_blocks:
-            raise ValueError(f"indices: last-n must be in 1..{num_blocks}, got {indices}")
-        taken = list(range(num_blocks - indices, num_blocks))
-    else:
-        taken = [i + num_blocks if i < 0 else i for i in indices]
-        if not taken or any(not 0 <= i < num_blocks for i in taken):
-            raise ValueError(f"indices must be block indices in -{num_blocks}..{num_blocks - 1}, got {indices}")
-    return taken, max(taken)
 
 
 class PatchEmbed(nn.Module):
@@ -395,7 +381,7 @@ class VisionMamba(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = _take_indices(len(self.layers), indices)
+        take_indices, max_index = resolve_indices(len(self.layers), indices)
         hidden, grid = self._embed(x)
         residual = None
         blocks = self.layers[:max_index + 1] if stop_early else self.layers
@@ -424,7 +410,7 @@ class VisionMamba(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the blocks after the last requested index (and optionally the final norm and head)."""
-        take_indices, max_index = _take_indices(len(self.layers), indices)
+        take_indices, max_index = resolve_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
         if prune_norm:
             self.norm_f = nn.Identity()

@@ -57,19 +57,27 @@ class Backend:
 
 _NATIVE = dict(devices=("cpu",), module="mambazoo.ops.native", disable_env="MAMBAZOO_DISABLE_NATIVE",
                auto_dtypes=SINGLE_AND_HALF)
+# On CPU tensors only under TRITON_INTERPRET=1 (the modules check); auto picks them on CUDA only.
 _TRITON = dict(devices=("cuda", "cpu"), auto_devices=("cuda",), dtypes=SINGLE_AND_HALF,
-               module="mambazoo.ops.triton_scan", disable_env="MAMBAZOO_DISABLE_TRITON")
+               disable_env="MAMBAZOO_DISABLE_TRITON")
 
 CAPABILITIES: dict[str, tuple[Backend, ...]] = {
     "selective_scan": (
-        Backend("triton", **_TRITON),  # on CPU tensors only under TRITON_INTERPRET=1 (the module checks)
+        Backend("triton", module="mambazoo.ops.triton_scan", **_TRITON),
         Backend("native", limits=(("d_state", "MAX_STATE"),), **_NATIVE),
         Backend("torch"),
         Backend("reference", auto=False),
     ),
     "causal_conv1d": (
+        Backend("triton", limits=(("kernel_size", "MAX_KERNEL"),), module="mambazoo.ops.triton_conv", **_TRITON),
         Backend("native", limits=(("kernel_size", "MAX_KERNEL"),), **_NATIVE),
         Backend("torch"),
+    ),
+    "state_scan": (
+        Backend("triton", **dict(_TRITON, module="mambazoo.ops.triton_state_scan")),
+        Backend("native", **_NATIVE),
+        Backend("torch"),
+        Backend("reference", auto=False),
     ),
 }
 

@@ -1,5 +1,5 @@
 """Depthwise causal 1-D convolution in the channels-last layout (the short conv in front of every Mamba scan)."""
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,42 +34,57 @@ def causal_conv1d_torch(
     return y.transpose(1, 2)
 
 
-@torch.library.custom_op("mambazoo::causal_conv1d_native", mutates_args=())
-def _causal_conv1d_native_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
-    return kernel_module("causal_conv1d", "native").conv_forward(x, weight, bias, silu, reverse)
+def _compiled_conv_op(name: str, forward: Callable, backward: Callable) -> Callable:
+    """A compiled conv kernel as the custom op ``mambazoo::causal_conv1d_<name>`` with its autograd formula.
+
+    ``forward(x, weight, bias, silu, reverse)`` returns y; ``backward(grad_y, x, weight, bias, silu, reverse)``
+    returns (dx, dweight, dbias) with an empty dbias when there is no bias.
+    """
+    @torch.library.custom_op(f"mambazoo::causal_conv1d_{name}", mutates_args=())
+    def conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
+        return forward(x, weight, bias, silu, reverse)
+
+    @conv.register_fake
+    def _(x, weight, bias, silu, reverse):
+        return x.new_empty(x.shape)
+
+    @torch.library.custom_op(f"mambazoo::causal_conv1d_{name}_bwd", mutates_args=())
+    def conv_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
+                 reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return backward(grad_y, x, weight, bias, silu, reverse)
+
+    @conv_bwd.register_fake
+    def _(grad_y, x, weight, bias, silu, reverse):
+        dbias = x.new_empty((0,)) if bias is None else bias.new_empty(bias.shape)
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, silu, reverse = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.options = (silu, reverse)
+        ctx.has_bias = bias is not None
+
+    def conv_backward(ctx, grad_y: Tensor):
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = conv_bwd(grad_y.contiguous(), x, weight, bias, *ctx.options)
+        return dx, dweight, dbias if ctx.has_bias else None, None, None
+
+    conv.register_autograd(conv_backward, setup_context=setup_context)
+    return conv
 
 
-@_causal_conv1d_native_op.register_fake
-def _causal_conv1d_native_fake(x, weight, bias, silu, reverse):
-    return x.new_empty(x.shape)
+def _kernel_function(name: str, function: str) -> Callable:
+    """``function`` of backend ``name``'s kernel module, looked up when called (the module loads on first use)."""
+    def call(*args):
+        return getattr(kernel_module("causal_conv1d", name), function)(*args)
+
+    return call
 
 
-@torch.library.custom_op("mambazoo::causal_conv1d_native_bwd", mutates_args=())
-def _causal_conv1d_native_bwd_op(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
-                                 reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return kernel_module("causal_conv1d", "native").conv_backward(grad_y, x, weight, bias, silu, reverse)
-
-
-@_causal_conv1d_native_bwd_op.register_fake
-def _causal_conv1d_native_bwd_fake(grad_y, x, weight, bias, silu, reverse):
-    dbias = x.new_empty((0,)) if bias is None else bias.new_empty(bias.shape)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias
-
-
-def _conv_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, silu, reverse = inputs
-    ctx.save_for_backward(x, weight, bias)
-    ctx.options = (silu, reverse)
-    ctx.has_bias = bias is not None
-
-
-def _conv_backward(ctx, grad_y: Tensor):
-    x, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = _causal_conv1d_native_bwd_op(grad_y.contiguous(), x, weight, bias, *ctx.options)
-    return dx, dweight, dbias if ctx.has_bias else None, None, None
-
-
-_causal_conv1d_native_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_COMPILED_OPS = {
+    name: _compiled_conv_op(name, _kernel_function(name, "conv_forward"), _kernel_function(name, "conv_backward"))
+    for name in ("native", "triton")
+}
 
 
 def causal_conv1d(
@@ -89,8 +104,8 @@ def causal_conv1d(
         activation: ``"silu"`` or None.
         reverse: Anti-causal: the convolution runs from the end of the sequence, i.e.
             ``flip(causal_conv1d(flip(x)))`` along length (the backward branch of a bidirectional block).
-        backend: ``"auto"`` (native on CPU when built and the kernel size fits, else torch; see
-            :mod:`mambazoo.ops.capabilities`), ``"torch"`` or ``"native"``.
+        backend: ``"auto"`` (Triton on CUDA, native on CPU when built, each within its kernel-size limit, else
+            torch; see :mod:`mambazoo.ops.capabilities`), ``"torch"``, ``"native"`` or ``"triton"``.
 
     Returns:
         y, (batch, length, dim), in x's dtype.
@@ -103,6 +118,6 @@ def causal_conv1d(
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     name = resolve_backend("causal_conv1d", backend, x.device, x.dtype, kernel_size=weight.shape[1])
-    if name == "native":
-        return _causal_conv1d_native_op(x, weight, bias, activation == "silu", reverse)
+    if name in _COMPILED_OPS:
+        return _COMPILED_OPS[name](x, weight, bias, activation == "silu", reverse)
     return causal_conv1d_torch(x, weight, bias, activation, reverse)

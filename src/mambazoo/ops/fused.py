@@ -9,7 +9,8 @@ Kernel contract (all tensors in the op's channels-last layout, see :func:`mambaz
 * ``forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)`` returns ``(y, last_state, chunk_states)``:
   y like u (same dtype), last_state (batch, dim, d_state) float32, and chunk_states (batch, n_chunks, dim, d_state)
   float32 holding the state *entering* each chunk of ``chunk_size`` steps in scan order (chunk 0 is all zeros),
-  where ``n_chunks = ceil(length / chunk_size)``; the backward recomputes the inside of each chunk from them.
+  where ``n_chunks = ceil(length / chunk_size)``; the backward recomputes the inside of each chunk from them. A kernel
+  whose threads own channels rather than states may declare ``states_first`` and use (batch, n_chunks, d_state, dim).
 * ``backward(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, reverse)``
   returns the gradients of (u, delta, A, B, C, D, z, delta_bias), each shaped and typed like its input; for an absent
   optional input it returns an empty tensor. ``grad_last_state`` may be None.
@@ -32,6 +33,12 @@ class FusedKernel:
     forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, ...]]
     chunk_size: int
+    states_first: bool = False
+
+    def chunk_states_shape(self, batch: int, length: int, dim: int, d_state: int) -> tuple[int, int, int, int]:
+        """Shape of the ``chunk_states`` this kernel's forward returns."""
+        n_chunks = (length + self.chunk_size - 1) // self.chunk_size
+        return (batch, n_chunks, d_state, dim) if self.states_first else (batch, n_chunks, dim, d_state)
 
 
 _KERNELS: dict[str, FusedKernel] = {}
@@ -76,11 +83,10 @@ def _selective_scan_fused_op(
 def _selective_scan_fused_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, kernel):
     batch, length, dim = u.shape
     d_state = A.shape[1]
-    n_chunks = (length + _kernel(kernel).chunk_size - 1) // _kernel(kernel).chunk_size
     return (
         u.new_empty(u.shape),
         u.new_empty((batch, dim, d_state), dtype=torch.float32),
-        u.new_empty((batch, n_chunks, dim, d_state), dtype=torch.float32),
+        u.new_empty(_kernel(kernel).chunk_states_shape(batch, length, dim, d_state), dtype=torch.float32),
     )
 
 

@@ -1,13 +1,15 @@
-"""Native CPU kernels (``csrc/``): the fused selective scan and the causal depthwise conv1d, loaded with ctypes.
+"""Native CPU kernels (``csrc/``): the fused selective scan, the all-states scan and the causal depthwise conv1d, loaded
+with ctypes.
 
 The shared library is built by ``setup.py`` as an optional extension (plain C + OpenMP, no PyTorch headers). torch is
 imported before it is loaded, so its ``libgomp.so.1`` dependency resolves to the OpenMP runtime torch already loaded
 (one thread pool, no oversubscription); every call passes ``torch.get_num_threads()`` as its thread count.
 
 ``AVAILABLE`` tells whether the library loaded; ``UNAVAILABLE_REASON`` says why not (no compiler at install time,
-``MAMBAZOO_DISABLE_NATIVE=1``, ...). When it loads, the scan kernel is registered as ``"native"`` with
-:func:`mambazoo.ops.fused.register_kernel`. float16/bfloat16 (and float64) inputs are computed in float32; outputs
-and gradients come back in the dtype of the corresponding input.
+``MAMBAZOO_DISABLE_NATIVE=1``, ...). When it loads, the scan kernels are registered as ``"native"`` with
+:func:`mambazoo.ops.fused.register_kernel` and :func:`mambazoo.ops.fused_state_scan.register_state_kernel`.
+float16/bfloat16 (and float64) inputs are computed in float32; outputs and gradients come back in the dtype of the
+corresponding input (the all-states scan returns float32 states).
 """
 import ctypes
 import importlib.util
@@ -18,9 +20,10 @@ import torch
 from torch import Tensor
 
 from .fused import FusedKernel, register_kernel
+from .fused_state_scan import StateKernel, register_state_kernel
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "scan_forward", "scan_backward",
-           "conv_forward", "conv_backward"]
+           "conv_forward", "conv_backward", "state_scan_forward", "state_scan_backward"]
 
 CHUNK_SIZE = 64
 _DISABLE_ENV = "MAMBAZOO_DISABLE_NATIVE"
@@ -46,6 +49,22 @@ class _ScanGrads(ctypes.Structure):
     _fields_ = [(name, _ptr) for name in ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")]
 
 
+class _StateScanArgs(ctypes.Structure):
+    _fields_ = [
+        ("batch", _int64), ("length", _int64), ("dim", _int64),
+        ("u", _ptr), ("u_batch_stride", _int64), ("u_length_stride", _int64),
+        ("delta", _ptr), ("delta_batch_stride", _int64), ("delta_length_stride", _int64),
+        ("A", _ptr),
+        ("B", _ptr), ("B_batch_stride", _int64), ("B_length_stride", _int64),
+        ("delta_bias", _ptr),
+        ("delta_softplus", _int32), ("reverse", _int32), ("n_threads", _int32),
+    ]
+
+
+class _StateScanGrads(ctypes.Structure):
+    _fields_ = [(name, _ptr) for name in ("du", "ddelta", "dA", "dB", "ddelta_bias")]
+
+
 class _ConvArgs(ctypes.Structure):
     _fields_ = [
         ("batch", _int64), ("length", _int64), ("dim", _int64), ("kernel_size", _int64),
@@ -66,17 +85,23 @@ def _load_library() -> tuple[Optional[ctypes.CDLL], str]:
         library = ctypes.CDLL(spec.origin)
     except OSError as error:
         return None, f"native extension {spec.origin} failed to load: {error}"
-    pointers = (ctypes.POINTER(_ScanArgs), ctypes.POINTER(_ConvArgs), ctypes.POINTER(_ScanGrads))
-    scan_args, conv_args, scan_grads = pointers
+    scan_args, conv_args, scan_grads = (ctypes.POINTER(_ScanArgs), ctypes.POINTER(_ConvArgs),
+                                        ctypes.POINTER(_ScanGrads))
+    state_args, state_grads = ctypes.POINTER(_StateScanArgs), ctypes.POINTER(_StateScanGrads)
     for name, argtypes in (
             ("mz_scan_forward", [scan_args, _ptr, _ptr, _ptr]),
             ("mz_scan_backward", [scan_args, _ptr, _ptr, _ptr, scan_grads]),
+            ("mz_state_scan_forward", [state_args, _ptr]),
+            ("mz_state_scan_backward", [state_args, _ptr, _ptr, state_grads]),
             ("mz_conv_forward", [conv_args, _ptr]),
             ("mz_conv_backward", [conv_args, _ptr, _ptr, _ptr, _ptr]),
             ("mz_scan_max_state", []),
             ("mz_conv_max_kernel", []),
     ):
-        function = getattr(library, name)
+        function = getattr(library, name, None)
+        if function is None:
+            return None, (f"native extension {spec.origin} is out of date (no {name}); "
+                          "rebuild it with `pip install -e .`")
         function.argtypes, function.restype = argtypes, ctypes.c_int
     return library, ""
 
@@ -159,6 +184,41 @@ def scan_backward(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, 
     return tuple(u.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
 
 
+def _state_scan_args(u, delta, A, B, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[_StateScanArgs, tuple]:
+    """Kernel arguments plus the float32 tensors they point into (the caller keeps those alive during the call)."""
+    u, delta, B = _prepare(u, "u"), _prepare(delta, "delta"), _prepare(B, "B")
+    A, delta_bias = _prepare(A, "A").contiguous(), _prepare(delta_bias, "delta_bias")
+    delta_bias = None if delta_bias is None else delta_bias.contiguous()
+    args = _StateScanArgs(
+        *u.shape, _address(u), *_strides(u), _address(delta), *_strides(delta), _address(A),
+        _address(B), *_strides(B), _address(delta_bias), int(delta_softplus), int(reverse), torch.get_num_threads(),
+    )
+    return args, (u, delta, A, B, delta_bias)
+
+
+def state_scan_forward(u, delta, A, B, delta_bias, delta_softplus: bool, reverse: bool) -> Tensor:
+    """All-states scan forward (see :mod:`mambazoo.ops.fused_state_scan` for the contract): float32 states."""
+    states = torch.zeros(u.shape, dtype=torch.float32)
+    if states.numel():
+        args, _alive = _state_scan_args(u, delta, A, B, delta_bias, delta_softplus, reverse)
+        _check(_LIBRARY.mz_state_scan_forward(ctypes.byref(args), states.data_ptr()), "state scan forward")
+    return states
+
+
+def state_scan_backward(grad_states, states, u, delta, A, B, delta_bias, delta_softplus: bool,
+                        reverse: bool) -> tuple[Tensor, ...]:
+    """All-states scan backward: gradients of (u, delta, A, B, delta_bias), empty for an absent bias."""
+    inputs = (u, delta, A, B, delta_bias)
+    grads = [None if t is None else torch.zeros(t.shape, dtype=torch.float32) for t in inputs]
+    if u.numel():
+        args, _alive = _state_scan_args(u, delta, A, B, delta_bias, delta_softplus, reverse)
+        grad_states = _prepare(grad_states, "grad_states").contiguous()
+        pointers = _StateScanGrads(*(_address(g) for g in grads))
+        _check(_LIBRARY.mz_state_scan_backward(ctypes.byref(args), states.contiguous().data_ptr(),
+                                               grad_states.data_ptr(), ctypes.byref(pointers)), "state scan backward")
+    return tuple(u.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
+
+
 def _conv_args(x, weight, bias, silu: bool, reverse: bool) -> tuple[_ConvArgs, tuple]:
     x, weight, bias = _prepare(x, "x"), _prepare(weight, "weight").contiguous(), _prepare(bias, "bias")
     if not 1 <= weight.shape[1] <= MAX_KERNEL:
@@ -192,3 +252,4 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
 
 if AVAILABLE:
     register_kernel("native", FusedKernel(scan_forward, scan_backward, CHUNK_SIZE))
+    register_state_kernel("native", StateKernel(state_scan_forward, state_scan_backward))

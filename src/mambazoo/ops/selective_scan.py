@@ -12,7 +12,8 @@ from .fused import FusedKernel, register_kernel, selective_scan_fused
 from .reference import selective_scan_reference
 from .torch_scan import selective_scan_torch
 
-__all__ = ["selective_scan", "available_backends", "backend_status", "route_through_custom_op", "BACKENDS"]
+__all__ = ["selective_scan", "available_backends", "backend_status", "route_through_custom_op",
+           "routing_through_custom_op", "BACKENDS"]
 
 BACKENDS = backend_names("selective_scan")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -99,7 +100,8 @@ register_kernel("torch", FusedKernel(_torch_kernel_forward, _torch_kernel_backwa
 
 @contextlib.contextmanager
 def route_through_custom_op() -> Iterator[None]:
-    """Within this context every scan runs as one ``torch.ops.mambazoo.selective_scan_fused`` call.
+    """Within this context every scan runs as one custom-op call (``torch.ops.mambazoo.selective_scan_fused``, and
+    ``torch.ops.mambazoo.state_scan_fused`` for :func:`mambazoo.ops.state_scan`).
 
     The op runs the pure-PyTorch implementation, whatever backend was requested (so the context also works on the
     ``meta`` device, and the requested backend is not checked). ``mambazoo.flops`` uses it to count each scan call
@@ -111,6 +113,11 @@ def route_through_custom_op() -> Iterator[None]:
         yield
     finally:
         _route_through_custom_op = previous
+
+
+def routing_through_custom_op() -> bool:
+    """Whether a :func:`route_through_custom_op` context is active."""
+    return _route_through_custom_op
 
 
 def selective_scan(

@@ -1,0 +1,134 @@
+"""The all-states scan as a ``torch.library`` custom op (``mambazoo::state_scan_fused``) that kernels plug into.
+
+Compiled kernels (native CPU, Triton) register with :func:`register_state_kernel`; they share one contract, so one
+custom op, one fake implementation and one autograd formula serve them all, and ``torch.compile`` / ``torch.export``
+see a single opaque op. The op returns every state, so the backward needs no recomputation: h_{t-1} is read from the
+saved output.
+
+Kernel contract (channels-last layout, see :func:`mambazoo.ops.state_scan`):
+
+* ``forward(u, delta, A, B, delta_bias, delta_softplus, reverse)`` returns the states (batch, length, dim) in
+  :func:`states_dtype` (float32 for compiled kernels).
+* ``backward(grad_states, states, u, delta, A, B, delta_bias, delta_softplus, reverse)`` returns the gradients of
+  (u, delta, A, B, delta_bias), each shaped and typed like its input (an empty tensor for an absent ``delta_bias``).
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import capabilities
+
+__all__ = ["StateKernel", "register_state_kernel", "registered_state_kernels", "state_scan_fused", "states_dtype"]
+
+
+@dataclass(frozen=True)
+class StateKernel:
+    """An all-states scan implementation (see the module docstring for the contract).
+
+    Attributes:
+        forward: Computes the states.
+        backward: Computes the input gradients from the states.
+        float64: Whether it computes (and returns states) in float64 for float64 inputs.
+    """
+
+    forward: Callable[..., Tensor]
+    backward: Callable[..., tuple[Tensor, ...]]
+    float64: bool = False
+
+
+_KERNELS: dict[str, StateKernel] = {}
+
+
+def register_state_kernel(name: str, kernel: StateKernel) -> None:
+    """Make ``kernel`` callable through the custom op as ``kernel=name``."""
+    _KERNELS[name] = kernel
+
+
+def registered_state_kernels() -> tuple[str, ...]:
+    """Names of the kernels registered so far."""
+    return tuple(_KERNELS)
+
+
+def _kernel(name: str) -> StateKernel:
+    if name not in _KERNELS and name in capabilities.backend_names("state_scan"):
+        capabilities.kernel_module("state_scan", name)  # importing a kernel module registers its kernel
+    if name not in _KERNELS:
+        raise ValueError(f"unknown state scan kernel {name!r}; registered: {registered_state_kernels()}")
+    return _KERNELS[name]
+
+
+def states_dtype(input_dtype: torch.dtype, kernel: str) -> torch.dtype:
+    """dtype of the states a kernel returns: float64 for float64 inputs on float64 kernels, float32 otherwise."""
+    return torch.float64 if input_dtype == torch.float64 and _kernel(kernel).float64 else torch.float32
+
+
+@torch.library.custom_op("mambazoo::state_scan_fused", mutates_args=())
+def _state_scan_op(
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        delta_bias: Optional[Tensor],
+        delta_softplus: bool,
+        reverse: bool,
+        kernel: str,
+) -> Tensor:
+    return _kernel(kernel).forward(u, delta, A, B, delta_bias, delta_softplus, reverse)
+
+
+@_state_scan_op.register_fake
+def _state_scan_fake(u, delta, A, B, delta_bias, delta_softplus, reverse, kernel):
+    return u.new_empty(u.shape, dtype=states_dtype(u.dtype, kernel))
+
+
+@torch.library.custom_op("mambazoo::state_scan_fused_bwd", mutates_args=())
+def _state_scan_bwd_op(
+        grad_states: Tensor,
+        states: Tensor,
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        delta_bias: Optional[Tensor],
+        delta_softplus: bool,
+        reverse: bool,
+        kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_kernel(kernel).backward(grad_states, states, u, delta, A, B, delta_bias, delta_softplus, reverse))
+
+
+@_state_scan_bwd_op.register_fake
+def _state_scan_bwd_fake(grad_states, states, u, delta, A, B, delta_bias, delta_softplus, reverse, kernel):
+    bias_grad = u.new_empty((0,)) if delta_bias is None else torch.empty_like(delta_bias)
+    return torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B), bias_grad
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, delta_bias, delta_softplus, reverse, kernel = inputs
+    ctx.save_for_backward(output, u, delta, A, B, delta_bias)
+    ctx.options = (delta_softplus, reverse, kernel)
+    ctx.has_bias = delta_bias is not None
+
+
+def _backward(ctx, grad_states: Tensor):
+    du, ddelta, dA, dB, dbias = _state_scan_bwd_op(grad_states.contiguous(), *ctx.saved_tensors, *ctx.options)
+    return du, ddelta, dA, dB, dbias if ctx.has_bias else None, None, None, None
+
+
+_state_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def state_scan_fused(
+        u: Tensor,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        delta_bias: Optional[Tensor],
+        delta_softplus: bool,
+        reverse: bool,
+        kernel: str,
+) -> Tensor:
+    """Run a registered kernel through the custom op; returns the states."""
+    return _state_scan_op(u, delta, A, B, delta_bias, delta_softplus, reverse, kernel)
