@@ -152,6 +152,17 @@ def test_recipe_drop_path_and_head_width_reach_the_model(composite: Path) -> Non
     assert isinstance(model.decode_head.bottleneck[1], torch.nn.BatchNorm2d)  # SyncBN only under DDP on GPUs
 
 
+def test_recipe_window_override_reaches_mambavision_and_explicit_model_kwargs_win(composite: Path) -> None:
+    common = ["--task", "segmentation", "--model", "test_mambavision", "--recipe", "mambavision", "--data-dir",
+              str(composite), *TINY["segmentation"]]
+    task = make_task(*common)
+    model = task.build_model(task.build_datasets())  # the recipe's dense windows: levels 2 and 3 use them
+    assert model.backbone.model.window_size == (8, 8, 64, 32)
+    assert [level.window_size for level in model.backbone.model.levels][2:] == [64, 32]
+    task = make_task(*common, "--model-kwargs", "window_size=(8,8,16,8)")
+    assert task.build_model(task.build_datasets()).backbone.model.window_size == (8, 8, 16, 8)
+
+
 def test_segmentation_slide_evaluation_matches_whole_when_windows_cover_the_images(composite: Path) -> None:
     whole = make_task("--task", "segmentation", "--model", "test_mambaout", "--data-dir", str(composite),
                       *TINY["segmentation"])
