@@ -23,8 +23,10 @@ $(STAMP): $(INSTALL_INPUTS)
 demo: $(STAMP)
 	$(PY) -m mambazoo demo
 
+# The whole suite, then the native kernels' ISA x compiler matrix (native-kernel tests only; .ci/native-matrix).
 test: $(STAMP)
 	$(PY) -m pytest -q
+	.ci/native-matrix $(PY)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -5,8 +5,8 @@ fresh processes, A then B, for several rounds; each process builds the model, wa
 (``inference_mode``, fp32, the median of ``--iterations``). The reported speed ratio is the median over rounds of
 (A time / B time) within a round, so machine drift hits both alike (>1: the working tree is faster).
 
-The revision's ``src/`` is exported with ``git archive``; its native extension is the working tree's build when
-``csrc/`` is unchanged between the two (otherwise it is built in the export).
+The revision's ``src/`` is exported with ``git archive``; its native library is the working tree's build when
+``csrc/`` and ``setup.py`` are unchanged between the two (otherwise it is built in the export).
 
 Usage: ``python benchmarks/cpu_ab.py --baseline cd136ec [--model vim_tiny_patch16_224] [--rounds 7]``.
 Results: ``benchmarks/results/cpu_ab_<model>.md`` (written atomically).
@@ -52,9 +52,10 @@ def export_revision(revision: str, target: Path) -> Path:
     archive = subprocess.run(["git", "archive", revision, "src", "csrc", "setup.py", "pyproject.toml"], cwd=ROOT,
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    same_csrc = subprocess.run(["git", "diff", "--quiet", revision, "--", "csrc"], cwd=ROOT).returncode == 0
-    built = sorted((ROOT / "src" / "mambazoo").glob("_native*.so"))
-    if same_csrc and built:
+    same_build = subprocess.run(["git", "diff", "--quiet", revision, "--", "csrc", "setup.py"],
+                                cwd=ROOT).returncode == 0
+    built = sorted((ROOT / "src" / "mambazoo").glob("*native*.so"))  # libmambazoo_native.so (earlier: _native.*.so)
+    if same_build and built:
         shutil.copy(built[0], target / "src" / "mambazoo")
     else:
         subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=target, check=True,

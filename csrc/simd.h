@@ -1,107 +1,153 @@
-/* Portable 16-lane float vectors (GCC/Clang vector extensions) and branch-free math on them.
+/* Float vectors of the hardware's width (GCC/Clang vector extensions) and branch-free math on them.
  *
- * With -march=native on an AVX-512 machine a v16 is one zmm register; elsewhere the compiler splits it into
- * narrower registers, so the same source builds everywhere.
+ * Every kernel source is compiled once per instruction set (see docs/native.md). A vfloat holds LANES floats: 16
+ * (one zmm register) with the AVX-512 flags, 8 (one ymm) with AVX2 + FMA, 4 (one xmm: SSE2 on x86-64, NEON on
+ * aarch64) in the portable build, which uses no flag beyond the architecture's baseline. Vectors are kept at the
+ * native width because GCC lowers wider generic vectors poorly (it scalarises their compares and shuffles their
+ * halves through the stack). Kernels are written in terms of LANES; only rounding to an integer, the power-of-two
+ * scaling and the reciprocal have ISA-specific forms.
+ *
+ * NaN and infinity follow IEEE arithmetic as the PyTorch reference does: a NaN argument gives NaN out of every
+ * function here (no clamp swallows it), exp of -inf is exactly 0 and sigmoid/softplus of +-inf are the limits.
  */
 #ifndef MAMBAZOO_SIMD_H
 #define MAMBAZOO_SIMD_H
 
 #include <stdint.h>
-#include <string.h>
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#define MZ_SIMD_AVX512 1
 #define LANES 16
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define MZ_SIMD_AVX2 1
+#define LANES 8
+#include <immintrin.h>
+#else
+#define LANES 4
+#endif
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef float vfloat __attribute__((vector_size(4 * LANES)));
+typedef int32_t vint __attribute__((vector_size(4 * LANES)));
+typedef float vfloat_unaligned __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
 
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE v16 splat(float x) { return (v16){0} + x; }
+INLINE vfloat splat(float x) { return (vfloat){0} + x; }
 
-/* Load `count` (1..16) consecutive floats; missing lanes are zero. */
-INLINE v16 load_lanes(const float *p, int count) {
-    v16 v = splat(0.0f);
-    if (count == LANES) {
-        memcpy(&v, p, sizeof(v));
-    } else {
-        for (int i = 0; i < count; ++i) v[i] = p[i];
-    }
-    return v;
+/* Lanes where `mask` is all ones take `if_true`, the others `if_false` (mask lanes come from a vector compare). */
+INLINE vfloat select_mask(vint mask, vfloat if_true, vfloat if_false) {
+    return (vfloat)(((vint)if_true & mask) | ((vint)if_false & ~mask));
 }
 
-INLINE void store_lanes(float *p, v16 v, int count) {
-    if (count == LANES) {
-        memcpy(p, &v, sizeof(v));
-    } else {
-        for (int i = 0; i < count; ++i) p[i] = v[i];
-    }
-}
-
-INLINE v16 select_mask(vi16 mask, v16 if_true, v16 if_false) {
-    return (v16)(((vi16)if_true & mask) | ((vi16)if_false & ~mask));
-}
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-
-INLINE v16 vmax(v16 a, v16 b) { return (v16)_mm512_max_ps((__m512)a, (__m512)b); }
-
-INLINE v16 vmin(v16 a, v16 b) { return (v16)_mm512_min_ps((__m512)a, (__m512)b); }
-
-INLINE v16 round_to_integer(v16 x) {
-    return (v16)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-
-/* 2^k * y for integral k (vscalefps: exact, no exponent-field overflow). */
-INLINE v16 scale_by_power_of_two(v16 y, v16 k) { return (v16)_mm512_scalef_ps((__m512)y, (__m512)k); }
+/* Load `count` (0..LANES) consecutive floats; missing lanes are zero. */
+INLINE vfloat load_lanes(const float *p, int count) {
+    if (count == LANES) return *(const vfloat_unaligned *)p;
+#ifdef MZ_SIMD_AVX512
+    return (vfloat)_mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1u), p);
 #else
-INLINE v16 vmax(v16 a, v16 b) { return select_mask(a > b, a, b); }
-
-INLINE v16 vmin(v16 a, v16 b) { return select_mask(a < b, a, b); }
-
-INLINE v16 round_to_integer(v16 x) {
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to the nearest integer */
-    return (x + magic) - magic;
+    vfloat v = splat(0.0f);
+    for (int i = 0; i < count; ++i) v[i] = p[i];
+    return v;
+#endif
 }
 
-/* 2^k * y for integral k in [-126, 127], building 2^k in the exponent field. */
-INLINE v16 scale_by_power_of_two(v16 y, v16 k) {
-    k = vmin(k, splat(127.0f));
-    vi16 exponent = __builtin_convertvector(k, vi16) + 127;
-    return y * (v16)(exponent << 23);
+INLINE void store_lanes(float *p, vfloat v, int count) {
+    if (count == LANES) {
+        *(vfloat_unaligned *)p = v;
+        return;
+    }
+#ifdef MZ_SIMD_AVX512
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << count) - 1u), (__m512)v);
+#else
+    for (int i = 0; i < count; ++i) p[i] = v[i];
+#endif
+}
+
+INLINE vfloat vabs(vfloat a) { return (vfloat)((vint)a & 0x7fffffff); }
+
+/* All-ones lanes where the sign bit is set (negative numbers, -0 and NaNs with the sign bit). */
+INLINE vint sign_mask(vfloat x) { return (vint)x >> 31; }
+
+/* min(x, limit) that returns x itself when it is NaN. */
+INLINE vfloat min_keep_nan(vfloat x, float limit) { return select_mask(x > limit, splat(limit), x); }
+
+/* 1 / d for finite positive normal d, to about 1 ulp: a hardware estimate refined by one Newton step where the ISA
+ * has one (14 -> 28 bits with AVX-512, 12 -> 23 bits with AVX2). */
+INLINE vfloat reciprocal(vfloat d) {
+#if defined(MZ_SIMD_AVX512)
+    vfloat r = (vfloat)_mm512_rcp14_ps((__m512)d);
+#elif defined(MZ_SIMD_AVX2)
+    vfloat r = (vfloat)_mm256_rcp_ps((__m256)d);
+#else
+    return 1.0f / d;
+#endif
+#if defined(MZ_SIMD_AVX512) || defined(MZ_SIMD_AVX2)
+    return r * (2.0f - d * r);
+#endif
+}
+
+/* 2^f for |f| <= 1/2: degree-5 polynomial with p(0) = 1 and p'(0) = ln 2 exactly (relative error 1.1e-7 with these
+ * float32 coefficients, plus float32 rounding). Both constraints matter for long sequences: a decay a = 2^x close
+ * to 1 weights about 1 / (1 - a) past steps, so a relative error e(x) per step becomes e(x) / (1 - a) in the state;
+ * with p(0) = 1 and p'(0) = ln 2 that ratio stays O(x) instead of approaching |p'(0) - ln 2| / ln 2. */
+INLINE vfloat exp2_fraction(vfloat f) {
+    vfloat p = splat(1.3302305e-3f);
+    p = p * f + 9.670629e-3f;
+    p = p * f + 5.5505592e-2f;
+    p = p * f + 2.4022263e-1f;
+    p = p * f + 6.931472e-1f;
+    return p * f + 1.0f;
+}
+
+/* 2^x for x <= 127 (with `may_be_positive`; anything above 128 gives +inf), exactly 0 below -125.5 (so results
+ * are normal floats or zero, and 2^-inf = 0), NaN for NaN. Branch-free: x = k + f with integer k and |f| <= 1/2.
+ * Without `may_be_positive` the argument must be <= 0 (or NaN). */
+#ifdef MZ_SIMD_AVX512
+INLINE vfloat exp2_upto(vfloat x, int may_be_positive) {
+    if (may_be_positive) x = min_keep_nan(x, 128.0f);
+    __m512 xv = (__m512)x;
+    __mmask16 normal = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-125.5f), _CMP_NLT_UQ); /* true for NaN */
+    __m512 k = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vfloat p = exp2_fraction((vfloat)_mm512_sub_ps(xv, k));
+    return (vfloat)_mm512_maskz_scalef_ps(normal, (__m512)p, k); /* 2^k * p, exact */
+}
+#else
+INLINE vfloat exp2_upto(vfloat x, int may_be_positive) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds |x| < 2^22 to an integer in the low bits */
+    if (may_be_positive) x = min_keep_nan(x, 128.0f);
+    vint underflow = x < -125.5f; /* false for NaN */
+    vfloat shifted = x + magic;
+    vfloat k = shifted - magic;
+    vfloat p = exp2_fraction(x - k);
+    vfloat scale = (vfloat)(((vint)shifted + 127) << 23); /* 2^k for k in [-126, 128] (128 gives +inf) */
+    return (vfloat)((vint)(p * scale) & ~underflow);      /* a NaN p stays NaN whatever the scale */
 }
 #endif
 
-INLINE v16 vabs(v16 a) { return (v16)((vi16)a & 0x7fffffff); }
-
-/* 2^x, branch-free, for x >= -125 (smaller x is clamped there, so results stay normal floats: e^-86.6 ~ 2e-38 is
- * indistinguishable from 0 next to any state). x = k + f with integer k and |f| <= 1/2; 2^f from a degree-6
- * polynomial fitted on [-1/2, 1/2] with p(0) = 1 exactly (relative error 3e-9 before rounding; an unbiased p(0)
- * matters: a decay of 1 + 1e-7 per step would accumulate over long sequences). */
-INLINE v16 exp2_clamped(v16 x) {
-    x = vmax(x, splat(-125.0f));
-    v16 k = round_to_integer(x);
-    v16 f = x - k;
-    v16 p = splat(1.53375768e-4f);
-    p = p * f + 1.33998604e-3f;
-    p = p * f + 9.61851953e-3f;
-    p = p * f + 5.55032900e-2f;
-    p = p * f + 2.40226466e-1f;
-    p = p * f + 6.93147206e-1f;
-    p = p * f + 1.0f;
-    return scale_by_power_of_two(p, k);
-}
-
 #define LOG2E 1.44269504088896341f
 
-INLINE v16 vexp(v16 x) { return exp2_clamped(x * LOG2E); }
+/* 2^x for x <= 0 (see exp2_upto). */
+INLINE vfloat exp2_nonpositive(vfloat x) { return exp2_upto(x, 0); }
 
-/* log(1 + w) for w in [0, 1] as 2 atanh(w / (2 + w)): no cancellation for small w. */
-INLINE v16 log1p_unit(v16 w) {
-    v16 s = w / (w + 2.0f);
-    v16 s2 = s * s;
-    v16 p = splat(1.0f / 15.0f);
-    p = p * s2 + 1.0f / 13.0f;
+/* e^x for x <= 0. */
+INLINE vfloat exp_nonpositive(vfloat x) { return exp2_nonpositive(x * LOG2E); }
+
+/* e^x for x <= 127 ln 2 (larger x gives +inf). */
+INLINE vfloat exp_upto(vfloat x) { return exp2_upto(x * LOG2E, 1); }
+
+/* sigmoid(x) = 1 / (1 + e^-x): e^-x overflows to +inf for x < -88 and the quotient is then 0, as in PyTorch. */
+INLINE vfloat sigmoid(vfloat x) { return 1.0f / (1.0f + exp_upto(-x)); }
+
+/* SiLU(x) = x / (1 + e^-x), PyTorch's formula (so also its NaN at -inf and its -0 below -88). */
+INLINE vfloat silu(vfloat x) { return x / (1.0f + exp_upto(-x)); }
+
+/* log(1 + w) for w in [0, 1] as 2 atanh(s), s = w / (2 + w) in [0, 1/3]: odd series in s, no cancellation for small
+ * w; truncation error below 2e-8. */
+INLINE vfloat log1p_unit(vfloat w) {
+    vfloat s = w * reciprocal(w + 2.0f);
+    vfloat s2 = s * s;
+    vfloat p = splat(1.0f / 13.0f);
     p = p * s2 + 1.0f / 11.0f;
     p = p * s2 + 1.0f / 9.0f;
     p = p * s2 + 1.0f / 7.0f;
@@ -111,42 +157,48 @@ INLINE v16 log1p_unit(v16 w) {
     return 2.0f * s * p;
 }
 
-/* softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|) (equals x to float precision beyond 20, like torch). */
-INLINE v16 softplus(v16 x) { return vmax(x, splat(0.0f)) + log1p_unit(vexp(-vabs(x))); }
-
-/* sigmoid(x) from e = e^-|x|: 1 / (1 + e) for x >= 0, e / (1 + e) otherwise. */
-INLINE v16 sigmoid(v16 x) {
-    v16 e = vexp(-vabs(x));
-    v16 r = 1.0f / (1.0f + e);
-    return select_mask(x >= 0.0f, r, e * r);
+/* softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|); equals x to float precision beyond 20, like PyTorch's
+ * threshold; +inf for +inf, 0 for -inf, NaN for NaN (through the second term). */
+INLINE vfloat softplus(vfloat x) {
+    vfloat positive_part = (vfloat)((vint)x & ~sign_mask(x));
+    return positive_part + log1p_unit(exp_nonpositive(-vabs(x)));
 }
 
-/* Two lane permutations of the concatenation a:b (indices >= 16 select from b), added. */
-INLINE v16 fold(v16 a, v16 b, vi16 lo, vi16 hi) { return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi); }
+/* Lane permutation of the concatenation a:b with constant indices (indices >= LANES select from b).
+ * __builtin_shufflevector exists in clang and in GCC >= 12; older GCC has __builtin_shuffle. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vint){__VA_ARGS__})
+#endif
 
-/* Sum each of `count` (<= 16) vectors over its lanes: out[i] += sum of the lanes of w[i] (w, room for 16 vectors, is
- * overwritten). Groups of 4 vectors are first reduced inside 128-bit lanes (cheap in-lane shuffles) to one vector
- * holding, per 128-bit lane, the 4 partial sums; the 4 such vectors are then folded across 128-bit lanes. */
-INLINE void lane_sums(v16 *w, int count, float *out) {
-    const vi16 unpack_lo = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29};
-    const vi16 unpack_hi = {2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31};
-    const vi16 pair_lo = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-    const vi16 pair_hi = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-    const vi16 half_lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    const vi16 half_hi = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-    const vi16 quarter_lo = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-    const vi16 quarter_hi = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-    int groups = (count + 3) / 4;
-    for (int i = count; i < 4 * groups; ++i) w[i] = splat(0.0f);
-    for (int g = 0; g < groups; ++g) {
-        v16 ab = fold(w[4 * g], w[4 * g + 1], unpack_lo, unpack_hi);     /* a0+a2 b0+b2 a1+a3 b1+b3 per lane */
-        v16 cd = fold(w[4 * g + 2], w[4 * g + 3], unpack_lo, unpack_hi);
-        w[g] = fold(ab, cd, pair_lo, pair_hi);                            /* sum(a) sum(b) sum(c) sum(d) per lane */
+#if LANES == 16
+#define EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#elif LANES == 8
+#define EVEN_LANES 0, 2, 4, 6, 8, 10, 12, 14
+#define ODD_LANES 1, 3, 5, 7, 9, 11, 13, 15
+#else
+#define EVEN_LANES 0, 2, 4, 6
+#define ODD_LANES 1, 3, 5, 7
+#endif
+
+/* Sums of adjacent lane pairs of a:b: a0+a1, a2+a3, ..., b0+b1, ... */
+INLINE vfloat pairwise_sums(vfloat a, vfloat b) { return SHUFFLE(a, b, EVEN_LANES) + SHUFFLE(a, b, ODD_LANES); }
+
+/* out[i] = the sum of the lanes of w[i], for i < count. Blocks of LANES vectors are reduced by a tree of pairwise
+ * sums that ends with one vector holding the block's sums in order. The order of the additions is fixed, so the
+ * result depends on nothing but the inputs. */
+INLINE void lane_sums(const vfloat *w, int count, float *out) {
+    for (int first = 0; first < count; first += LANES) {
+        int size = count - first < LANES ? count - first : LANES;
+        vfloat level[LANES];
+        for (int i = 0; i < size; ++i) level[i] = w[first + i];
+        for (int i = size; i < LANES; ++i) level[i] = splat(0.0f);
+        for (int width = LANES; width > 1; width /= 2)
+            for (int i = 0; i < width / 2; ++i) level[i] = pairwise_sums(level[2 * i], level[2 * i + 1]);
+        for (int i = 0; i < size; ++i) out[first + i] = level[0][i];
     }
-    for (int g = groups; g < 4; ++g) w[g] = splat(0.0f);
-    v16 first = fold(w[0], w[1], half_lo, half_hi), second = fold(w[2], w[3], half_lo, half_hi);
-    v16 sums = fold(first, second, quarter_lo, quarter_hi);
-    for (int i = 0; i < count; ++i) out[i] += sums[i];
 }
 
 #endif

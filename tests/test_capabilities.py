@@ -71,6 +71,8 @@ def test_unknown_backend_and_op_are_named():
 def test_disabled_backend_reports_its_switch(monkeypatch):
     monkeypatch.setattr(capabilities, "_status", {})
     monkeypatch.setattr(capabilities, "_limits", {})
+    monkeypatch.setattr(capabilities, "_modules", {})
+    monkeypatch.setattr(capabilities, "_resolved", {})
     monkeypatch.setenv("MAMBAZOO_DISABLE_NATIVE", "1")
     assert capabilities.backend_status("selective_scan")["native"] == "disabled by MAMBAZOO_DISABLE_NATIVE"
     assert resolve_backend("selective_scan", "auto", CPU, torch.float32, d_state=16) == "torch"

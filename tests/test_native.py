@@ -1,9 +1,14 @@
-"""Native CPU kernels (csrc/): fused selective scan and causal conv1d against independent references.
+"""Native CPU kernels (csrc/): fused selective scan, all-states scan and causal conv1d against independent references.
 
-Scan values and gradients are compared with the float64 sequential reference (``backend="reference"``) and float64
-autograd through it; the causal conv1d against the PyTorch implementation (float64 oracle for the gradients).
+Scan values and gradients are compared with the float64 sequential references (``backend="reference"``) and float64
+autograd through them; the causal conv1d against the PyTorch implementation (float64 oracle for the gradients). The
+all-states scan's own tests are in tests/test_state_scan.py; here it joins the ISA, thread-count and call-path checks.
 """
+import ctypes
+import importlib
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambazoo.ops import causal_conv1d, native, selective_scan
+from mambazoo.ops import causal_conv1d, native, selective_scan, state_scan
 
 pytestmark = pytest.mark.skipif(not native.AVAILABLE,
                                 reason=f"native kernels unavailable: {native.UNAVAILABLE_REASON}")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+STATE_SCAN_NAMES = ("u", "delta", "A", "B", "delta_bias")
 
 
 def make_inputs(batch: int, length: int, dim: int, d_state: int, stress: bool = False, seed: int = 0) -> dict:
@@ -48,6 +54,14 @@ def scan_with_grads(inputs: dict, backend: str, reverse: bool, seed: int = 1, **
     loss = (y * grad_y).sum() + (last_state * grad_last).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return y, last_state, dict(zip(leaves, grads))
+
+
+def state_scan_with_grads(inputs: dict, backend: str, reverse: bool) -> list[torch.Tensor]:
+    """The all-states scan of the N = 1 part of ``inputs`` and the gradients of <states, g> (fixed random g)."""
+    leaves = [inputs[name].detach().clone().requires_grad_() for name in STATE_SCAN_NAMES]
+    states = state_scan(*leaves, reverse=reverse, backend=backend)
+    grad = torch.randn(states.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return [states, *torch.autograd.grad((states * grad.to(states.dtype)).sum(), leaves)]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -162,6 +176,110 @@ def test_scan_and_conv_under_torch_compile_match_eager():
         torch.testing.assert_close(actual, expected, msg=name)
 
 
+def test_one_library_dispatches_among_isas_at_run_time(monkeypatch):
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert native.COMPILED_ISAS == ("avx512", "avx2", "portable")
+    assert "portable" in native.RUNNABLE_ISAS
+    assert native.ISA == (os.environ.get("MAMBAZOO_NATIVE_ISA") or native.RUNNABLE_ISAS[0])
+    assert native.describe()["isa"] == native.active_isa() == native.ISA
+    monkeypatch.setenv("MAMBAZOO_NATIVE_ISA", "portable")
+    assert native._load()[4] == "portable"
+    monkeypatch.setenv("MAMBAZOO_NATIVE_ISA", "sse9")
+    library, reason = native._load()[:2]
+    assert library is None and "MAMBAZOO_NATIVE_ISA='sse9' is not one of" in reason
+    with pytest.raises(ValueError, match="ISA 'sse9' is not runnable here"):
+        with native.use_isa("sse9"):
+            pass
+
+
+def test_library_is_a_plain_shared_library_without_python_abi():
+    path = native.LIBRARY_PATH
+    assert path.name == "libmambazoo_native.so"
+    library = ctypes.CDLL(str(path))
+    assert not hasattr(library, "PyInit__native")
+    if shutil.which("readelf"):
+        dynamic = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+        assert "libpython" not in dynamic
+        assert "NEEDED" in dynamic
+
+
+@pytest.mark.parametrize("isa", native.RUNNABLE_ISAS)
+def test_every_runnable_isa_variant_matches_the_references(isa):
+    # 37 channels leave a partial channel block for every vector width (16, 8 and 4 lanes).
+    with native.use_isa(isa):
+        assert native.active_isa() == isa
+        assert_matches_reference(make_inputs(2, 70, 37, 16, seed=4), reverse=True)
+        linear = make_inputs(1, 30, 37, 1, seed=5)
+        linear.update(D=None, z=None, delta_bias=None, delta=F.softplus(linear["delta"] - 4.0))
+        assert_matches_reference(linear, delta_softplus=False)
+        assert_conv_matches_torch(4, reverse=True, with_bias=True, activation="silu")
+        state_inputs = make_inputs(2, 150, 37, 1, seed=6)
+        expected = state_scan_with_grads(state_inputs, "reference", reverse=True)
+        actual = state_scan_with_grads({n: t.float() for n, t in state_inputs.items()}, "native", reverse=True)
+        for name, got, want in zip(("states", *STATE_SCAN_NAMES), actual, expected):
+            assert relative_error(got, want) < 5e-5, name
+
+
+def scan_and_conv_gradients(threads: int) -> list[torch.Tensor]:
+    """Native gradients of both scans and a conv with ``threads`` threads (batch rows split into several groups)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, _, grads = scan_with_grads({n: t.float() for n, t in make_inputs(13, 150, 40, 16, seed=7).items()},
+                                      "native", reverse=False)
+        # 1100 steps: more than one chunk of the all-states scan's backward (1024 steps)
+        state_inputs = {n: t.float() for n, t in make_inputs(13, 1100, 40, 1, seed=9).items()}
+        state_grads = state_scan_with_grads(state_inputs, "native", reverse=False)[1:]
+        generator = torch.Generator().manual_seed(8)
+        x, weight, bias = (torch.randn(*shape, generator=generator).requires_grad_()
+                           for shape in ((13, 150, 40), (40, 4), (40,)))
+        y = causal_conv1d(x, weight, bias, backend="native")
+        conv_grads = torch.autograd.grad((y * torch.randn(y.shape, generator=generator)).sum(), (x, weight, bias))
+    finally:
+        torch.set_num_threads(previous)
+    return [*grads.values(), *state_grads, *conv_grads]
+
+
+def test_gradients_are_bitwise_identical_for_any_thread_count():
+    single = scan_and_conv_gradients(1)
+    for threads in (2, 3):
+        for expected, actual in zip(single, scan_and_conv_gradients(threads)):
+            assert torch.equal(actual, expected), threads
+
+
+def test_plain_eager_inference_skips_the_custom_ops_but_observers_see_them(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv_module = importlib.import_module("mambazoo.ops.causal_conv1d")  # the package attribute is the function
+    calls = []
+
+    def counting(name: str, op):
+        return lambda *args: calls.append(name) or op(*args)
+
+    for module, name in (("fused", "_selective_scan_fused_op"), ("fused_state_scan", "_state_scan_op")):
+        module = importlib.import_module(f"mambazoo.ops.{module}")
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    monkeypatch.setitem(conv_module._COMPILED_OPS, "native", counting("conv", conv_module._COMPILED_OPS["native"]))
+    inputs = {name: t.float() for name, t in make_inputs(1, 9, 20, 4).items()}
+    state_inputs = {name: t.float() for name, t in make_inputs(1, 9, 20, 1).items() if name in STATE_SCAN_NAMES}
+    weight = torch.randn(20, 4)
+
+    def run() -> torch.Tensor:
+        return (selective_scan(**inputs, backend="native") + causal_conv1d(inputs["u"], weight, backend="native")
+                + state_scan(**state_inputs, backend="native"))
+
+    with torch.inference_mode():
+        plain = run()
+        assert calls == []
+        with FlopCounterMode(display=False):
+            counted = run()
+        assert len(calls) == 3
+    inputs["u"].requires_grad_()
+    state_inputs["u"].requires_grad_()
+    assert torch.equal(run().detach(), plain) and torch.equal(counted, plain)
+    assert len(calls) == 6
+
+
 def run_python(code: str, **env: str) -> str:
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                             env={**os.environ, **env}, timeout=120)
@@ -169,7 +287,10 @@ def run_python(code: str, **env: str) -> str:
     return result.stdout
 
 
+@pytest.mark.subprocess
 def test_native_shares_torch_openmp_runtime_and_thread_count():
+    if "(libgomp)" not in native.BUILD_INFO:
+        pytest.skip(f"built with {native.BUILD_INFO}: the kernels have their own OpenMP thread pool (docs/native.md)")
     output = run_python("""
         import os, torch
         from mambazoo.ops import selective_scan
@@ -189,6 +310,7 @@ def test_native_shares_torch_openmp_runtime_and_thread_count():
     assert int(threads_at_5) - int(threads_at_2) == 3  # the team grew by torch's new thread count, in the same pool
 
 
+@pytest.mark.subprocess
 def test_disable_env_var_falls_back_to_torch():
     output = run_python("""
         import torch
@@ -203,15 +325,13 @@ def test_disable_env_var_falls_back_to_torch():
     assert output.split(maxsplit=2) == ["False", "False", "disabled by MAMBAZOO_DISABLE_NATIVE\n"]
 
 
-@pytest.mark.parametrize("kernel_size", [2, 4])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("with_bias,activation", [(True, "silu"), (False, None)])
-def test_causal_conv1d_native_matches_torch(kernel_size, reverse, with_bias, activation):
+def assert_conv_matches_torch(kernel_size: int, reverse: bool, with_bias: bool, activation, dim: int = 37) -> None:
+    """Native float32 conv1d (values and gradients) against the PyTorch implementation in float64."""
     generator = torch.Generator().manual_seed(kernel_size)
-    x64 = torch.randn(2, 45, 37, generator=generator, dtype=torch.float64)
-    weight64 = torch.randn(37, kernel_size, generator=generator, dtype=torch.float64)
-    bias64 = torch.randn(37, generator=generator, dtype=torch.float64) if with_bias else None
-    grad_y = torch.randn(2, 45, 37, generator=generator, dtype=torch.float64)
+    x64 = torch.randn(2, 45, dim, generator=generator, dtype=torch.float64)
+    weight64 = torch.randn(dim, kernel_size, generator=generator, dtype=torch.float64)
+    bias64 = torch.randn(dim, generator=generator, dtype=torch.float64) if with_bias else None
+    grad_y = torch.randn(2, 45, dim, generator=generator, dtype=torch.float64)
     results = {}
     for backend, dtype in (("torch", torch.float64), ("native", torch.float32)):
         leaves = [t.to(dtype).requires_grad_() for t in (x64, weight64, bias64) if t is not None]
@@ -221,6 +341,13 @@ def test_causal_conv1d_native_matches_torch(kernel_size, reverse, with_bias, act
     for expected, actual in zip(results["torch"], results["native"]):
         assert actual.dtype == torch.float32
         assert relative_error(actual, expected) < 1e-5
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3, 4, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_bias,activation", [(True, "silu"), (False, None)])
+def test_causal_conv1d_native_matches_torch(kernel_size, reverse, with_bias, activation):
+    assert_conv_matches_torch(kernel_size, reverse, with_bias, activation)
 
 
 def test_causal_conv1d_auto_picks_native_and_handles_short_and_strided_inputs():

@@ -227,8 +227,7 @@ def test_torch_compile_matches_eager(backend):
     (dict(u=torch.zeros(2, 5, 6, dtype=torch.int64)), TypeError, "u must be a float16"),
     (dict(B=torch.zeros(2, 5, 2, dtype=torch.float64)), TypeError, "B has dtype torch.float64 but u has"),
     (dict(backend="cuda-magic"), ValueError, "backend must be 'auto' or one of"),
-    (dict(u=torch.zeros(2, 0, 6), delta=torch.zeros(2, 0, 6), B=torch.zeros(2, 0, 2), C=torch.zeros(2, 0, 2)),
-     ValueError, "length 0"),
+    (dict(A=-torch.ones(6, 0), B=torch.zeros(2, 5, 0), C=torch.zeros(2, 5, 0)), ValueError, "A has d_state 0"),
 ])
 def test_bad_input_names_the_problem(change, error, message):
     arguments = dict(u=torch.zeros(2, 5, 6), delta=torch.zeros(2, 5, 6), A=-torch.ones(6, 2), B=torch.zeros(2, 5, 2),
@@ -236,6 +235,15 @@ def test_bad_input_names_the_problem(change, error, message):
     arguments.update(change)
     with pytest.raises(error, match=message):
         selective_scan(**arguments)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_positive_A_is_rejected_by_every_cpu_backend(backend):
+    arguments = dict(u=torch.zeros(2, 5, 6), delta=torch.zeros(2, 5, 6), A=-torch.ones(6, 2), B=torch.zeros(2, 5, 2),
+                     C=torch.zeros(2, 5, 2))
+    arguments["A"][4, 1] = 0.5
+    with pytest.raises(ValueError, match="A has positive entries"):
+        selective_scan(**arguments, backend=backend)
 
 
 def test_meta_device_input_is_rejected_with_device_in_message():

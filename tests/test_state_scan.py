@@ -316,6 +316,16 @@ def test_bad_input_names_the_problem(change, error, message):
         state_scan(**arguments)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_positive_A_is_rejected_by_every_cpu_backend(backend):
+    # the native kernel checks A itself (no host-side check before it), also when autograd records the call
+    A = -torch.ones(6, 1)
+    A[4, 0] = 0.5
+    u = torch.zeros(2, 5, 6, requires_grad=True)
+    with pytest.raises(ValueError, match="A has positive entries"):
+        state_scan(u, torch.zeros(2, 5, 6), A, torch.zeros(2, 5, 1), backend=backend)
+
+
 def test_unavailable_backend_explains_why():
     missing = [name for name, status in backend_status("state_scan").items() if status != "available"]
     if not missing:

@@ -85,6 +85,9 @@ CAPABILITIES: dict[str, tuple[Backend, ...]] = {
 _status: dict[tuple[str, str], str] = {}
 _limits: dict[tuple[str, str], dict[str, int]] = {}
 _modules: dict[tuple[str, str], object] = {}
+# Successful resolutions, by (op, requested, device type, dtype, features): every scan and conv call resolves its
+# backend, and the table walk costs more than a small kernel call.
+_resolved: dict[tuple, str] = {}
 
 
 def backend_names(op: str) -> tuple[str, ...]:
@@ -184,12 +187,17 @@ def resolve_backend(op: str, requested: str, device: torch.device, dtype: torch.
     ``"auto"`` gives the first backend in the table's order that is available, allowed for ``auto`` on this device
     and dtype, and within its limits (the pure-PyTorch backend of every op accepts everything).
     """
+    key = (op, requested, device.type, dtype, *features.items())
+    if key in _resolved:
+        return _resolved[key]
     if requested == "auto":
         for row in _rows(op):
             if _auto_allows(row, device, dtype) and unsupported_reason(op, row.name, device, dtype, **features) is None:
+                _resolved[key] = row.name
                 return row.name
         raise ValueError(f"no {op} backend supports {device.type} {dtype} inputs with {features}")
     reason = unsupported_reason(op, requested, device, dtype, **features)
     if reason is not None:
         raise ValueError(f"{op} backend {requested!r} cannot run this call: {reason}")
+    _resolved[key] = requested
     return requested

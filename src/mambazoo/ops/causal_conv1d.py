@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .capabilities import kernel_module, resolve_backend
+from .fused import eager_call_is_plain
 
 __all__ = ["causal_conv1d", "causal_conv1d_torch"]
 
@@ -19,14 +20,20 @@ def causal_conv1d_torch(
         activation: Optional[str] = "silu",
         reverse: bool = False,
 ) -> Tensor:
-    """Pure-PyTorch causal depthwise conv; arguments as :func:`causal_conv1d`."""
-    length = x.shape[1]
-    kernel_size = weight.shape[1]
+    """Pure-PyTorch causal depthwise conv; arguments as :func:`causal_conv1d`.
+
+    The K - 1 zeros in front of the sequence are padded explicitly, so they multiply the weights in every dtype and
+    on every device (PyTorch's implicit padding skips them in some kernels, which changes how an infinite weight
+    propagates).
+    """
+    length, kernel_size = x.shape[1], weight.shape[1]
+    if length == 0:
+        return x.clone()  # empty, but part of the autograd graph
     channels_first = x.transpose(1, 2)
     if reverse:
         channels_first = channels_first.flip(-1)
-    y = F.conv1d(channels_first, weight.unsqueeze(1), bias, padding=kernel_size - 1, groups=weight.shape[0])
-    y = y[..., :length]
+    padded = F.pad(channels_first, (kernel_size - 1, 0))
+    y = F.conv1d(padded, weight.unsqueeze(1), bias, groups=weight.shape[0])
     if reverse:
         y = y.flip(-1)
     if activation == "silu":
@@ -95,7 +102,7 @@ def causal_conv1d(
         reverse: bool = False,
         backend: str = "auto",
 ) -> Tensor:
-    """Depthwise causal convolution: y_t[d] = act(bias[d] + sum_k weight[d, k] * x_{t-K+1+k}[d]).
+    """Depthwise causal convolution: y_t[d] = act(bias[d] + sum_k weight[d, k] * x_{t-K+1+k}[d]), x_{<0} = 0.
 
     Args:
         x: Input, (batch, length, dim).
@@ -119,5 +126,8 @@ def causal_conv1d(
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     name = resolve_backend("causal_conv1d", backend, x.device, x.dtype, kernel_size=weight.shape[1])
     if name in _COMPILED_OPS:
-        return _COMPILED_OPS[name](x, weight, bias, activation == "silu", reverse)
+        silu = activation == "silu"
+        if eager_call_is_plain(x, weight, bias):  # nothing observes the custom op: skip its dispatch
+            return kernel_module("causal_conv1d", name).conv_forward(x, weight, bias, silu, reverse)
+        return _COMPILED_OPS[name](x, weight, bias, silu, reverse)
     return causal_conv1d_torch(x, weight, bias, activation, reverse)

@@ -7,8 +7,8 @@ saved output.
 
 Kernel contract (channels-last layout, see :func:`mambazoo.ops.state_scan`):
 
-* ``forward(u, delta, A, B, delta_bias, delta_softplus, reverse)`` returns the states (batch, length, dim) in
-  :func:`states_dtype` (float32 for compiled kernels).
+* ``forward(u, delta, A, B, delta_bias, delta_softplus, reverse)`` returns the states (batch, length, dim), float32
+  (float64 for float64 inputs if the kernel says so: ``float64_states``).
 * ``backward(grad_states, states, u, delta, A, B, delta_bias, delta_softplus, reverse)`` returns the gradients of
   (u, delta, A, B, delta_bias), each shaped and typed like its input (an empty tensor for an absent ``delta_bias``).
 """
@@ -18,9 +18,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import capabilities
+from .fused import KernelRegistry, eager_call_is_plain, states_dtype
 
-__all__ = ["StateKernel", "register_state_kernel", "registered_state_kernels", "state_scan_fused", "states_dtype"]
+__all__ = ["StateKernel", "register_state_kernel", "registered_state_kernels", "state_scan_fused"]
 
 
 @dataclass(frozen=True)
@@ -30,38 +30,17 @@ class StateKernel:
     Attributes:
         forward: Computes the states.
         backward: Computes the input gradients from the states.
-        float64: Whether it computes (and returns states) in float64 for float64 inputs.
+        float64_states: Whether it computes (and returns states) in float64 for float64 inputs.
     """
 
     forward: Callable[..., Tensor]
     backward: Callable[..., tuple[Tensor, ...]]
-    float64: bool = False
+    float64_states: bool = False
 
-
-_KERNELS: dict[str, StateKernel] = {}
-
-
-def register_state_kernel(name: str, kernel: StateKernel) -> None:
-    """Make ``kernel`` callable through the custom op as ``kernel=name``."""
-    _KERNELS[name] = kernel
-
-
-def registered_state_kernels() -> tuple[str, ...]:
-    """Names of the kernels registered so far."""
-    return tuple(_KERNELS)
-
-
-def _kernel(name: str) -> StateKernel:
-    if name not in _KERNELS and name in capabilities.backend_names("state_scan"):
-        capabilities.kernel_module("state_scan", name)  # importing a kernel module registers its kernel
-    if name not in _KERNELS:
-        raise ValueError(f"unknown state scan kernel {name!r}; registered: {registered_state_kernels()}")
-    return _KERNELS[name]
-
-
-def states_dtype(input_dtype: torch.dtype, kernel: str) -> torch.dtype:
-    """dtype of the states a kernel returns: float64 for float64 inputs on float64 kernels, float32 otherwise."""
-    return torch.float64 if input_dtype == torch.float64 and _kernel(kernel).float64 else torch.float32
+_KERNELS: KernelRegistry[StateKernel] = KernelRegistry("state_scan", "state scan")
+register_state_kernel = _KERNELS.register
+registered_state_kernels = _KERNELS.names
+_kernel = _KERNELS.get
 
 
 @torch.library.custom_op("mambazoo::state_scan_fused", mutates_args=())
@@ -80,7 +59,7 @@ def _state_scan_op(
 
 @_state_scan_op.register_fake
 def _state_scan_fake(u, delta, A, B, delta_bias, delta_softplus, reverse, kernel):
-    return u.new_empty(u.shape, dtype=states_dtype(u.dtype, kernel))
+    return u.new_empty(u.shape, dtype=states_dtype(u.dtype, _kernel(kernel).float64_states))
 
 
 @torch.library.custom_op("mambazoo::state_scan_fused_bwd", mutates_args=())
@@ -130,5 +109,7 @@ def state_scan_fused(
         reverse: bool,
         kernel: str,
 ) -> Tensor:
-    """Run a registered kernel through the custom op; returns the states."""
+    """Run a registered kernel through the custom op (directly when :func:`eager_call_is_plain`); the states."""
+    if eager_call_is_plain(u, delta, A, B, delta_bias):
+        return _kernel(kernel).forward(u, delta, A, B, delta_bias, delta_softplus, reverse)
     return _state_scan_op(u, delta, A, B, delta_bias, delta_softplus, reverse, kernel)

@@ -56,7 +56,7 @@ def selective_scan_reference(
         decay = torch.exp(delta_t[t][:, :, None] * A)
         state = decay * state + (delta_t[t] * u_t[t])[:, :, None] * B_t[t][:, None, :]
         outputs[t] = (state * C_t[t][:, None, :]).sum(-1)
-    y = torch.stack(outputs, dim=1)
+    y = torch.stack(outputs, dim=1) if length else u.new_zeros((batch, 0, dim))
     if D is not None:
         y = y + u * D.to(compute)
     if z is not None:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import capabilities
 from .capabilities import backend_names, resolve_backend
-from .fused import FusedKernel, register_kernel, selective_scan_fused
+from .fused import FusedKernel, check_A_sign, check_scan_tensor, register_kernel, selective_scan_fused
 from .reference import selective_scan_reference
 from .torch_scan import selective_scan_torch
 
@@ -16,7 +16,6 @@ __all__ = ["selective_scan", "available_backends", "backend_status", "route_thro
            "routing_through_custom_op", "BACKENDS"]
 
 BACKENDS = backend_names("selective_scan")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _route_through_custom_op = False
 
 
@@ -30,17 +29,6 @@ def available_backends() -> tuple[str, ...]:
     return tuple(name for name, status in backend_status().items() if status == "available")
 
 
-def _check_tensor(name: str, tensor: Tensor, shape: tuple, device: torch.device) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {tensor.dtype}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but u is on {device}")
-
-
 def _check_arguments(u, delta, A, B, C, D, z, delta_bias) -> None:
     if not isinstance(u, Tensor) or u.dim() != 3:
         raise ValueError(f"u must be a (batch, length, dim) tensor, got {getattr(u, 'shape', type(u).__name__)}")
@@ -48,24 +36,22 @@ def _check_arguments(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError(f"A must be a (dim, d_state) tensor, got {getattr(A, 'shape', type(A).__name__)}")
     batch, length, dim = u.shape
     d_state = A.shape[1]
-    if length == 0:
-        raise ValueError("u has length 0: the scan needs at least one step")
     device = u.device
-    _check_tensor("u", u, (batch, length, dim), device)
-    _check_tensor("delta", delta, (batch, length, dim), device)
-    _check_tensor("A", A, (dim, d_state), device)
-    _check_tensor("B", B, (batch, length, d_state), device)
-    _check_tensor("C", C, (batch, length, d_state), device)
+    check_scan_tensor("u", u, (batch, length, dim), device)
+    check_scan_tensor("delta", delta, (batch, length, dim), device)
+    check_scan_tensor("A", A, (dim, d_state), device)
+    check_scan_tensor("B", B, (batch, length, d_state), device)
+    check_scan_tensor("C", C, (batch, length, d_state), device)
     for name, tensor in (("D", D), ("delta_bias", delta_bias)):
         if tensor is not None:
-            _check_tensor(name, tensor, (dim,), device)
+            check_scan_tensor(name, tensor, (dim,), device)
     if z is not None:
-        _check_tensor("z", z, (batch, length, dim), device)
+        check_scan_tensor("z", z, (batch, length, dim), device)
     for name, tensor in (("delta", delta), ("B", B), ("C", C), ("z", z)):
         if tensor is not None and tensor.dtype != u.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but u has {u.dtype}; cast them to one dtype")
-    if A.device.type == "cpu" and not torch.compiler.is_compiling() and bool((A.detach() > 0).any()):
-        raise ValueError("A has positive entries; the scan needs A <= 0 (models pass A = -exp(A_log))")
+    if d_state == 0:
+        raise ValueError("A has d_state 0: the scan needs at least one state per channel")
 
 
 def _resolve_backend(backend: str, u: Tensor, d_state: int) -> str:
@@ -74,28 +60,30 @@ def _resolve_backend(backend: str, u: Tensor, d_state: int) -> str:
 
 def _torch_kernel_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     y, last_state = selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    last_state = last_state.clone(memory_format=torch.contiguous_format)  # a view of all states: own storage
     return y, last_state, last_state.new_zeros((u.shape[0], 1) + tuple(last_state.shape[1:]))
 
 
 def _torch_kernel_backward(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
                            delta_softplus, reverse):
     inputs = (u, delta, A, B, C, D, z, delta_bias)
-    present = [t for t in inputs if t is not None]
-
-    def forward(*tensors: Tensor) -> tuple[Tensor, Tensor]:
-        supplied = iter(tensors)
-        return selective_scan_torch(*(None if t is None else next(supplied) for t in inputs), delta_softplus, reverse)
-
-    (y, last_state), vjp = torch.func.vjp(forward, *present)
-    grad_last_state = torch.zeros_like(last_state) if grad_last_state is None else grad_last_state
-    grads = iter(vjp((grad_y.to(y.dtype), grad_last_state.to(last_state.dtype))))
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+        y, last_state = selective_scan_torch(*leaves, delta_softplus, reverse)
+        outputs, output_grads = [y], [grad_y.to(y.dtype)]
+        if grad_last_state is not None:
+            outputs.append(last_state)
+            output_grads.append(grad_last_state.to(last_state.dtype))
+        grads = iter(torch.autograd.grad(outputs, [t for t in leaves if t is not None], output_grads,
+                                         allow_unused=True, materialize_grads=True))
     return tuple(u.new_empty((0,)) if t is None else next(grads) for t in inputs)
 
 
-# The pure-PyTorch scan as a fused-op kernel: one chunk; the backward recomputes the forward under torch.func.vjp.
-# It is used only under route_through_custom_op(), so that tools that intercept ops (FLOP counters) see one op per
-# scan call.
-register_kernel("torch", FusedKernel(_torch_kernel_forward, _torch_kernel_backward, chunk_size=sys.maxsize))
+# The pure-PyTorch scan as a fused-op kernel: one chunk; its backward recomputes the forward with autograd, so it
+# runs in the op's autograd formula instead of a backward op. It is used only under route_through_custom_op(), so
+# that tools that intercept ops (FLOP counters) see one op per scan call.
+register_kernel("torch", FusedKernel(_torch_kernel_forward, _torch_kernel_backward, chunk_size=sys.maxsize,
+                                     float64_states=True, backward_uses_autograd=True))
 
 
 @contextlib.contextmanager
@@ -143,7 +131,7 @@ def selective_scan(
 
     Layout: ``u``, ``delta`` and ``z`` are (batch, length, dim) — the layout a Linear layer produces, so no
     transposes are needed; ``B`` and ``C`` are (batch, length, d_state); ``A`` is (dim, d_state) with A <= 0
-    (checked for CPU tensors; on accelerators the check would cost a host sync per call);
+    (checked for CPU tensors, by the native kernel itself; on accelerators the check would cost a host sync);
     ``D`` and ``delta_bias`` are (dim,). Independent scans (e.g. several scan paths) are batched along the batch
     dimension; inputs they share may be ``expand``-ed views. State and accumulation are float32 (float64 for float64
     inputs on the ``reference``/``torch`` backends); float16/bfloat16 inputs are accepted and y has u's dtype.
@@ -169,6 +157,7 @@ def selective_scan(
     """
     _check_arguments(u, delta, A, B, C, D, z, delta_bias)
     name = "torch_custom_op" if _route_through_custom_op else _resolve_backend(backend, u, A.shape[1])
+    check_A_sign(A, name)
     if name == "reference":
         y, last_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     elif name == "torch":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .capabilities import backend_names, resolve_backend
+from .fused import check_A_sign, check_scan_tensor
 from .fused_state_scan import StateKernel, register_state_kernel, state_scan_fused
 from .selective_scan import routing_through_custom_op
 from .torch_scan import DEFAULT_CHUNK_SIZE, linear_scan
@@ -25,7 +26,6 @@ from .torch_scan import DEFAULT_CHUNK_SIZE, linear_scan
 __all__ = ["STATE_SCAN_BACKENDS", "state_scan", "state_scan_reference", "state_scan_torch"]
 
 STATE_SCAN_BACKENDS = backend_names("state_scan")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,35 +119,22 @@ def _torch_kernel_backward(grad_states, states, u, delta, A, B, delta_bias, delt
 
 # The pure-PyTorch scan as a custom-op kernel, used only under route_through_custom_op() (FLOP counting sees one op
 # per call); its backward recomputes the forward under torch.func.vjp.
-register_state_kernel("torch", StateKernel(_torch_kernel_forward, _torch_kernel_backward, float64=True))
-
-
-def _check_tensor(name: str, tensor: Tensor, shape: tuple, device: torch.device) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {tensor.dtype}")
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but u is on {device}")
+register_state_kernel("torch", StateKernel(_torch_kernel_forward, _torch_kernel_backward, float64_states=True))
 
 
 def _check_arguments(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, delta_bias: Optional[Tensor]) -> None:
     if not isinstance(u, Tensor) or u.dim() != 3:
         raise ValueError(f"u must be a (batch, length, dim) tensor, got {getattr(u, 'shape', type(u).__name__)}")
     batch, length, dim = u.shape
-    _check_tensor("u", u, (batch, length, dim), u.device)
-    _check_tensor("delta", delta, (batch, length, dim), u.device)
-    _check_tensor("A", A, (dim, 1), u.device)
-    _check_tensor("B", B, (batch, length, 1), u.device)
+    check_scan_tensor("u", u, (batch, length, dim), u.device)
+    check_scan_tensor("delta", delta, (batch, length, dim), u.device)
+    check_scan_tensor("A", A, (dim, 1), u.device)
+    check_scan_tensor("B", B, (batch, length, 1), u.device)
     if delta_bias is not None:
-        _check_tensor("delta_bias", delta_bias, (dim,), u.device)
+        check_scan_tensor("delta_bias", delta_bias, (dim,), u.device)
     for name, tensor in (("delta", delta), ("B", B)):
         if tensor.dtype != u.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but u has {u.dtype}; cast them to one dtype")
-    if A.device.type == "cpu" and not torch.compiler.is_compiling() and bool((A.detach() > 0).any()):
-        raise ValueError("A has positive entries; the scan needs A <= 0 (models pass A = -exp(A_log))")
 
 
 def state_scan(
@@ -168,12 +155,13 @@ def state_scan(
         h_t = exp(Δ'_t A) * h_{t-1} + Δ'_t * B_t * u_t
 
     Layout: ``u`` and ``delta`` are (batch, length, dim) and ``B`` is (batch, length, 1) — what Linear layers produce
-    — ``A`` is (dim, 1) with A <= 0 (checked for CPU tensors) and ``delta_bias`` is (dim,). The states come back in
-    the same channels-last (batch, length, dim) layout: the kernels vectorise over channels, and for an H×W image
-    ``states.view(batch, H, W, dim).permute(0, 3, 1, 2)`` is an NCHW view in the ``channels_last`` memory format that
-    ``conv2d`` consumes without a copy, while the LayerNorm, gating and projections after the state fusion work on
-    channels-last tensors (see ``docs/spatialmamba.md`` for the measurement). Any batch or length strides are
-    accepted (e.g. ``expand``-ed views); a non-contiguous last dimension is copied.
+    — ``A`` is (dim, 1) with A <= 0 (checked for CPU tensors, by the native kernel itself) and ``delta_bias`` is
+    (dim,). The states come back in the same channels-last (batch, length, dim) layout: the kernels vectorise over
+    channels, and for an H×W image ``states.view(batch, H, W, dim).permute(0, 3, 1, 2)`` is an NCHW view in the
+    ``channels_last`` memory format that ``conv2d`` consumes without a copy, while the LayerNorm, gating and
+    projections after the state fusion work on channels-last tensors (see ``docs/spatialmamba.md`` for the
+    measurement). Any batch or length strides are accepted (e.g. ``expand``-ed views); a non-contiguous last
+    dimension is copied.
 
     States are float32 whatever the input dtype (float64 for float64 inputs on the ``reference`` and ``torch``
     backends). NaN and Inf propagate as in the sequential definition; batch 0 or length 0 give empty states.
@@ -195,6 +183,7 @@ def state_scan(
     """
     _check_arguments(u, delta, A, B, delta_bias)
     name = resolve_backend("state_scan", backend, u.device, u.dtype)
+    check_A_sign(A, name)
     if name in ("reference", "torch") and routing_through_custom_op():
         return state_scan_fused(u, delta, A, B, delta_bias, delta_softplus, reverse, "torch")
     if name == "reference":

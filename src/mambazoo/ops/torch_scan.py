@@ -163,6 +163,8 @@ def _blocked_scan(delta: Tensor, delta_u: Tensor, A: Tensor, B: Tensor, C: Tenso
                   chunk_size: int) -> tuple[Tensor, Tensor]:
     """Scan without D/z, one block of time steps at a time; returns y (without skip or gate) and the last state."""
     batch, length, dim = delta.shape
+    if delta.numel() == 0:  # empty batch or sequence: no steps, the state stays zero
+        return delta.new_zeros((batch, length, dim)), delta.new_zeros((batch, dim, A.shape[1]))
     steps_per_block = max(1, BLOCK_ELEMENTS // (batch * dim * A.shape[1]))
     steps_per_block = -(-steps_per_block // chunk_size) * chunk_size
     outputs = []

@@ -106,7 +106,7 @@ if AVAILABLE:
                                       stride_u_b, stride_u_l, stride_delta_b, stride_delta_l, stride_B_b, stride_B_l)
             step, slope = _step_size(delta, bias, HAS_BIAS, SOFTPLUS, FAST)
             step = tl.where(seq_ok, step, 0.0)
-            decay = tl.exp2(step * A2[None, :])
+            decay = tl.where(seq_ok, tl.exp2(step * A2[None, :]), 1.0)  # padded steps: no 0 * inf, even if A = -inf
             # The previous state in scan order (zero before the first step) and the next step's decay.
             previous_ok = (scan_index >= 1)[:, None] & seq_ok
             previous_rows = _row(scan_index - 1, length, REVERSE)

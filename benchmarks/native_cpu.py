@@ -1,0 +1,212 @@
+"""The native CPU kernels in one interleaved run: scan GFLOP/s per ISA against GEMM, the conv against a copy of the same
+bytes, and Vim-Ti against DeiT-Ti (SDPA) images/s.
+
+Everything runs in one process, in interleaved rounds after one warm-up call each; tables give medians over rounds,
+and every ratio is the median of per-round ratios, so drift in machine load cancels (the method of docs/benchmarks.md).
+
+* Scan (Vim-Ti shapes: D = 384, N = 16, D skip, delta_bias + softplus, z gate, fp32): forward under
+  ``inference_mode`` and forward + backward (autograd, loss = sum(y * g)), for every ISA variant this CPU runs
+  (``mambazoo.ops.native.use_isa``), next to an fp32 ``torch.mm`` of size 2048 timed in every round. GFLOP/s counts
+  9·B·L·D·N per call (docs/scan.md, FLOP convention) for the forward and for forward + backward alike.
+* Conv (Vim-Ti: D = 384, K = 4, bias, SiLU) through ``causal_conv1d`` per ISA, against ``copy_`` of the same tensor
+  into a preallocated one (the bytes a conv must read and write: its bandwidth bound) in the same rounds.
+* Vim-Ti vs DeiT-Ti (SDPA attention), batch 1, fp32, ``inference_mode``, at 224 and 1248 px: the best ISA.
+
+The forward's physical limit (docs/native.md): per state update and LANES channels the AVX-512 loop runs 14 vector
+instructions -- the decay exp(dt·A) is 10 of them (a multiply, round, subtract, compare, 5 FMAs of the polynomial,
+the power-of-two scale) and the update and the C contraction 3 more -- 9 of which compete for the two FMA pipes.
+
+Usage: ``python benchmarks/native_cpu.py [--quick] [--rounds 5] [--threads 2] [--clock wall|cpu] [--label TEXT]
+[--output benchmarks/results/native_cpu.md]``
+"""
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from mambazoo.ops import causal_conv1d, native, selective_scan
+from scan import DIM, D_STATE, MATMUL_SIZE, machine_description, make_inputs, write_atomically
+from vim_cpu import build
+
+SCAN_SHAPES = {"forward": [(1, 197), (1, 1025), (8, 1025), (1, 6085)], "forward+backward": [(1, 197), (1, 1025)]}
+QUICK_SCAN_SHAPES = {"forward": [(1, 197)], "forward+backward": [(1, 197)]}
+CONV_LENGTHS, QUICK_CONV_LENGTHS = (197, 6085), (197,)
+MODEL_SIZES, QUICK_MODEL_SIZES = (224, 1248), (224,)
+KERNEL_SIZE = 4
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: the calling thread's CPU time (1 thread only)
+clock = CLOCKS["wall"]
+
+
+def seconds(function: Callable[[], object], repeats: int = 1) -> float:
+    """Time per call of ``function`` by the chosen clock."""
+    start = clock()
+    for _ in range(repeats):
+        function()
+    return (clock() - start) / repeats
+
+
+def interleave(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of every callable, over rounds that each call every callable once (after one warm-up)."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(seconds(call))
+    return times
+
+
+def ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the per-round ratio."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def scan_call(batch: int, length: int, backward: bool) -> Callable[[], None]:
+    inputs = make_inputs(batch, length, requires_grad=backward)
+    grad_y = torch.randn(inputs["u"].shape)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            selective_scan(**inputs, backend="native")
+
+    def forward_backward() -> None:
+        y = selective_scan(**inputs, backend="native")
+        torch.autograd.grad((y * grad_y).sum(), list(inputs.values()))
+
+    return forward_backward if backward else forward
+
+
+def in_isa(isa: str, call: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with native.use_isa(isa):
+            call()
+    return run
+
+
+def scan_tables(shapes: dict, rounds: int) -> list[str]:
+    matrix = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    calls: dict[str, Callable[[], None]] = {"mm": lambda: torch.mm(matrix, matrix)}
+    for kind, kind_shapes in shapes.items():
+        for batch, length in kind_shapes:
+            call = scan_call(batch, length, backward=kind != "forward")
+            for isa in native.RUNNABLE_ISAS:
+                calls[f"{kind}|{batch}|{length}|{isa}"] = in_isa(isa, call)
+    times = interleave(calls, rounds)
+    mm_gflops = [2 * MATMUL_SIZE ** 3 / t / 1e9 for t in times.pop("mm")]
+    lines = [f"fp32 `torch.mm` {MATMUL_SIZE}³ in the same rounds: {statistics.median(mm_gflops):.0f} GFLOP/s "
+             f"[{min(mm_gflops):.0f}–{max(mm_gflops):.0f}].", "",
+             "| pass | shape | ISA | median ms [min–max] | GFLOP/s (9·B·L·D·N) | % of same-round mm | "
+             "fwd+bwd / fwd |", "|---|---|---|---|---|---|---|"]
+    for name, call_times in times.items():
+        kind, batch, length, isa = name.split("|")
+        flops = 9 * int(batch) * int(length) * DIM * D_STATE
+        gflops = [flops / t / 1e9 for t in call_times]
+        share = statistics.median(g / m for g, m in zip(gflops, mm_gflops))
+        forward = times.get(f"forward|{batch}|{length}|{isa}")
+        backward_ratio = f"{ratio(call_times, forward):.2f}" if kind != "forward" and forward else ""
+        ms = [1e3 * t for t in call_times]
+        lines.append(f"| {kind} | B{batch} L{length} | {isa} | {statistics.median(ms):.3g} [{min(ms):.3g}–"
+                     f"{max(ms):.3g}] | {statistics.median(gflops):.3g} | {100 * share:.0f}% | {backward_ratio} |")
+    return lines
+
+
+def conv_table(lengths: tuple, rounds: int) -> list[str]:
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(DIM, KERNEL_SIZE, generator=generator), torch.randn(DIM, generator=generator)
+    calls: dict[str, Callable[[], None]] = {}
+    for length in lengths:
+        x = torch.randn(1, length, DIM, generator=generator)
+        copy_target = torch.empty_like(x)
+        calls[f"copy|{length}"] = lambda x=x, target=copy_target: target.copy_(x)
+        for isa in native.RUNNABLE_ISAS:
+            def conv(x=x) -> None:
+                with torch.inference_mode():
+                    causal_conv1d(x, weight, bias, "silu", backend="native")
+            calls[f"conv|{length}|{isa}"] = in_isa(isa, conv)
+    times = interleave(calls, rounds)
+    lines = ["| shape | ISA | conv median µs [min–max] | copy of the same bytes, µs | conv / copy | GB/s moved |",
+             "|---|---|---|---|---|---|"]
+    for name, call_times in times.items():
+        if not name.startswith("conv"):
+            continue
+        _, length, isa = name.split("|")
+        copy_times = times[f"copy|{length}"]
+        us = [1e6 * t for t in call_times]
+        moved = 2 * int(length) * DIM * 4 / statistics.median(call_times) / 1e9
+        lines.append(f"| B1 L{length} D{DIM} K{KERNEL_SIZE} | {isa} | {statistics.median(us):.1f} [{min(us):.1f}–"
+                     f"{max(us):.1f}] | {1e6 * statistics.median(copy_times):.1f} | "
+                     f"{ratio(call_times, copy_times):.2f} | {moved:.1f} |")
+    return lines
+
+
+def model_table(sizes: tuple, rounds: int) -> list[str]:
+    lines = ["| px | DeiT-Ti (SDPA) ms (img/s) | Vim-Ti ms (img/s) | Vim / DeiT img/s, median [min–max] |",
+             "|---|---|---|---|"]
+    for size in sizes:
+        models = {name: build(name, size) for name in ("deit_tiny", "vim_tiny")}
+        image = torch.randn(1, 3, size, size)
+        iters = max(1, round(8e5 / size ** 2))  # ~16 forwards per round at 224, 1 at 1248
+        calls = {name: (lambda model=model: seconds(lambda: model(image), iters)) for name, model in models.items()}
+        times = {name: [] for name in models}
+        with torch.inference_mode():
+            for call in calls.values():
+                call()
+            for _ in range(rounds):
+                for name, call in calls.items():
+                    times[name].append(call())
+        ratios = [deit / vim for deit, vim in zip(times["deit_tiny"], times["vim_tiny"])]
+        deit, vim = (1e3 * statistics.median(times[name]) for name in ("deit_tiny", "vim_tiny"))
+        lines.append(f"| {size} | {deit:.1f} ({1e3 / deit:.2f}) | {vim:.1f} ({1e3 / vim:.2f}) | "
+                     f"x{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}] |")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (one shape each, 224 px only)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and native) threads (default: torch's)")
+    parser.add_argument("--output", default=None, help="write the tables and the machine description (markdown)")
+    parser.add_argument("--label", default=None, help="a line on the run's conditions, written under the title")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default), or the thread's CPU time (with --threads 1: on a shared machine it "
+                             "leaves out the time other jobs hold the core)")
+    args = parser.parse_args(argv)
+    if not native.AVAILABLE:
+        raise SystemExit(f"the native backend is unavailable: {native.UNAVAILABLE_REASON}")
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("--clock cpu measures one thread: use it with --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = [
+        ("Selective scan per ISA vs GEMM", scan_tables(QUICK_SCAN_SHAPES if args.quick else SCAN_SHAPES, args.rounds)),
+        ("Causal conv1d vs a copy of the same bytes", conv_table(QUICK_CONV_LENGTHS if args.quick else CONV_LENGTHS,
+                                                                  args.rounds)),
+        ("Vim-Ti vs DeiT-Ti (SDPA), batch 1", model_table(QUICK_MODEL_SIZES if args.quick else MODEL_SIZES,
+                                                          args.rounds)),
+    ]
+    command = shlex.join(["python", "benchmarks/native_cpu.py", *(argv if argv is not None else sys.argv[1:])])
+    text = "\n".join([
+        "# Native CPU kernels: scan per ISA, conv vs copy, Vim-Ti vs DeiT-Ti", "",
+        *([f"**{args.label}**", ""] if args.label else []),
+        f"Produced by `{command}`: one process, {args.rounds} interleaved rounds after one warm-up; medians, ratios "
+        f"are medians of per-round ratios (method in the script's docstring); {args.clock} clock.", "",
+        *machine_description(), f"* native build: {native.describe()}", "",
+        *(line for title, table in sections for line in (f"## {title}", "", *table, "")),
+    ])
+    print(text)
+    if args.output:
+        write_atomically(Path(args.output), text)
+
+
+if __name__ == "__main__":
+    main()
