@@ -14,7 +14,8 @@ from timm.models import is_model
 import mambazoo
 from mambazoo.dense import TAP_SPECS, DenseBackbone, TapSpec, create_backbone, load_backbone_checkpoint, register_taps
 from mambazoo.dense.taps import tap_spec_for
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAMILIES = ("vim", "plainmamba", "mambaout", "mambavision", "spatialmamba")
 TEST_MODELS = sorted(spec.test_model for spec in TAP_SPECS.values())

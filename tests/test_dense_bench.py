@@ -3,7 +3,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "dense_cpu.py"
 

@@ -21,7 +21,8 @@ from mambazoo.dense.data import (
     segmentation_collate,
 )
 from mambazoo.dense.synthetic import FASHION_MNIST_DIR, load_glyphs, write_composite, write_nuclei
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from pycocotools.coco import COCO
 
 from mambazoo.dense.evaluation import CocoEvaluator, ConfusionMatrix, detections_to_coco
 from mambazoo.dense.synthetic import mask_to_rle
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HEIGHT, WIDTH = 40, 60
 

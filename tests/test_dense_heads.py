@@ -7,7 +7,8 @@ from timm.models import is_model
 
 import mambazoo
 from mambazoo.dense import TAP_SPECS, UperNet, build_mask_rcnn, slide_inference
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAMILIES = ("vim", "plainmamba", "mambaout", "mambavision", "spatialmamba")
 TEST_MODELS = [TAP_SPECS[family].test_model for family in FAMILIES]

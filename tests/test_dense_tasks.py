@@ -21,7 +21,8 @@ from mambazoo.training.config import parse_train_args
 from mambazoo.training.distributed import Distributed, find_blocks
 from mambazoo.training.engine import create_schedule
 from mambazoo.training.tasks import TaskContext, get_task
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(
     detection=["--min-size", "64", "--max-size", "96", "--head", "fpn_channels=16", "box_representation=32",

@@ -25,7 +25,8 @@ from mambazoo.training.distributed import Distributed
 from mambazoo.training.engine import seed_everything
 from mambazoo.training.tasks import TaskContext, get_task
 from training_helpers import KILLER, max_abs_diff
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 COMMON = ["--model", "test_mambaout", "-j", "0", "--no-progress", "--hflip", "0", "--weight-decay", "0"]
 # Tiny Mask R-CNN heads and proposal counts for 64 px images with 1-3 objects.
@@ -49,8 +50,8 @@ def images(tmp_path_factory) -> Path:
 
 
 def _train_one_thread(argv: list[str]) -> TrainResult:
-    """A run on one torch thread, as the subprocesses and the other tests (module fixtures start before the autouse
-    fixture)."""
+    """A run on one torch thread, as the subprocesses and the other tests (module fixtures start before the
+    function-scoped ``one_torch_thread``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -22,7 +22,8 @@ from mambazoo.training.distributed import Distributed, find_blocks
 from mambazoo.training.engine import check_run_args
 from official_keys import DATA, parse_key_line
 from training_helpers import DIGITS_ARGS
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_DIGITS_VAL = 359
 

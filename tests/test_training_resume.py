@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mambazoo.training import train
 from training_helpers import DIGITS_ARGS, KILLER, read_weights
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Mixup (numpy RNG), drop path (torch RNG), random augmentation (per-sample seeds) and EMA are all on, so every
 # piece of resumable state matters. 11 steps per epoch at batch 128; checkpoints every 4 steps plus epoch ends.

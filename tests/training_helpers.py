@@ -2,7 +2,6 @@
 training entry point that kills itself in the middle of a checkpoint write."""
 import textwrap
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -43,13 +42,3 @@ def max_abs_diff(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]
     """Largest element-wise difference between two state dicts with the same keys."""
     assert first.keys() == second.keys()
     return max((first[k].double() - second[k].double()).abs().max().item() for k in first)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads waiting for each other slow every op
-    tenfold; one thread also keeps the in-process runs comparable with the single-threaded subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
