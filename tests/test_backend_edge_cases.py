@@ -26,7 +26,6 @@ import pytest
 import timm
 import torch
 
-import mambazoo  # noqa: F401  (registers the models)
 from mambazoo.ops import available_backends, causal_conv1d, native, selective_scan, state_scan
 from mambazoo.ops.capabilities import backend_status
 from scan_inputs import ScanInputs, make_scan_inputs

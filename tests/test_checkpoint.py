@@ -1,4 +1,6 @@
 """mambazoo.checkpoint on its own: the key listing, file errors, round trips and atomic writes."""
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,7 @@ from torch import nn
 
 from mambazoo.checkpoint import (
     CheckpointError, CheckpointMismatchError, atomic_write, check_state_dict, describe_source, load_checkpoint_file,
-    save_state_dict,
+    save_state_dict, unwrap_state_dict, write_text,
 )
 
 
@@ -70,9 +72,32 @@ def test_atomic_write_keeps_the_previous_file_when_writing_fails(tmp_path: Path)
     path.write_text("previous")
     with pytest.raises(RuntimeError, match="interrupted"):
         with atomic_write(path) as temporary:
+            assert temporary.parent == tmp_path and temporary.name.startswith(".results.json.tmp-")
             temporary.write_text("partial")
             raise RuntimeError("interrupted")
     assert path.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    assert write_text(tmp_path / "new" / "out.json", "{}").read_text() == "{}"  # creates the folder
+    assert stat.S_IMODE((tmp_path / "new" / "out.json").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_safetensors_writes_copy_shared_and_strided_tensors_apart(tmp_path: Path) -> None:
+    weight = torch.arange(6.0).view(2, 3)
+    path = save_state_dict({"a": weight, "tied": weight, "strided": weight.t()}, tmp_path / "w.safetensors")
+    loaded = load_checkpoint_file(path)
+    assert torch.equal(loaded["tied"], weight) and torch.equal(loaded["strided"], weight.t())
+
+
+def test_state_dicts_are_unwrapped_from_training_and_mm_checkpoints() -> None:
+    weights = {"w": torch.zeros(1)}
+    for checkpoint in (weights, {"state_dict": weights, "meta": {}}, {"model": weights, "epoch": 3}):
+        assert unwrap_state_dict(checkpoint, "x.pth") == weights
+    with pytest.raises(CheckpointError, match=r"x.pth holds no state dict of tensors \(top-level keys: \['epoch'\]"):
+        unwrap_state_dict({"epoch": 3}, "x.pth")
 
 
 def test_describe_source() -> None:

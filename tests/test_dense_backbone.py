@@ -15,6 +15,8 @@ import mambazoo
 from mambazoo.dense import TAP_SPECS, DenseBackbone, TapSpec, create_backbone, load_backbone_checkpoint, register_taps
 from mambazoo.dense.taps import tap_spec_for
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAMILIES = ("vim", "plainmamba", "mambaout", "mambavision", "spatialmamba")
 TEST_MODELS = sorted(spec.test_model for spec in TAP_SPECS.values())
 HIERARCHICAL_MODELS = sorted(spec.test_model for spec in TAP_SPECS.values() if spec.kind == "hierarchical")
@@ -227,7 +229,7 @@ def test_official_downstream_checkpoint_backbone_part_loads(name: str, tmp_path:
     for key, value in source.state_dict().items():
         torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0, msg=key)
     del official["backbone.outnorm3.bias"]
-    with pytest.raises(ValueError, match=r"from det\.pth does not match DenseBackbone:\n  missing \(1\): outnorm3"):
+    with pytest.raises(ValueError, match=r"det\.pth does not match DenseBackbone:\n  missing \(1\): outnorm3"):
         load_backbone_checkpoint(target, official, source="det.pth")
     with pytest.raises(ValueError, match="no keys start with 'encoder.'"):
         load_backbone_checkpoint(target, official, prefix="encoder.")

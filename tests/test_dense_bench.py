@@ -1,7 +1,11 @@
-"""Smoke test of the dense CPU benchmark script (tiny models and sizes, one round): rows, ratios and result files."""
+"""Smoke tests of the dense CPU benchmark scripts (tiny models and sizes, one round): rows, ratios and result files."""
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "dense_cpu.py"
 
@@ -21,3 +25,16 @@ def test_dense_benchmark_runs_interleaved_and_writes_results(tmp_path: Path) -> 
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert saved["results"] == rows and "cpu" in saved["meta"]["machine"]
     assert {p.name for p in tmp_path.iterdir()} == {"smoke.csv", "smoke.json", "smoke.md"}
+
+
+def test_dense_training_benchmark_compares_the_engine_with_the_raw_step(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("dense_train_cpu", SCRIPT.with_name("dense_train_cpu.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.main(["--models", "test_mambaout", "no_such_model", "--tasks", "segmentation", "--img-size", "32",
+                        "--steps", "1", "--warm-iter", "0", "--repeats", "1", "--out-dir", str(tmp_path)])
+    assert [(r["task"], r["model"], r["img_size"]) for r in rows] == [("segmentation", "test_mambaout", 32)]
+    row = rows[0]
+    assert row["raw_train_samples_per_sec"] > 0 and row["engine_train_samples_per_sec"] > 0
+    assert row["engine_vs_raw"] == round(row["engine_train_samples_per_sec"] / row["raw_train_samples_per_sec"], 3)
+    assert json.loads((tmp_path / "dense_train_cpu.json").read_text())["results"] == rows

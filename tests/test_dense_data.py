@@ -2,8 +2,6 @@
 nuclei sample, the COCO and mask-folder readers, train transforms and collate functions."""
 import importlib.util
 import json
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,8 @@ from mambazoo.dense.data import (
     segmentation_collate,
 )
 from mambazoo.dense.synthetic import FASHION_MNIST_DIR, load_glyphs, write_composite, write_nuclei
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -169,21 +169,3 @@ def test_nuclei_sample_has_125_instances_with_boxes_from_masks(tmp_path: Path) -
     assert image.shape == (3, 512, 512) and target["masks"].shape == (125, 512, 512)
     semantic = np.array(Image.open(root / "val" / "masks" / "nuclei.png"))
     assert np.array_equal(semantic, (labels > 0).astype(np.uint8))
-
-
-def test_atomic_write_keeps_the_old_file_on_failure_and_uses_normal_permissions(tmp_path: Path) -> None:
-    from mambazoo.dense.checkpoint import atomic_write
-
-    target = tmp_path / "out.json"
-    atomic_write(target, lambda tmp: tmp.write_text("old"))
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.read_text() == "old" and stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # not 0600
-
-    def crash(tmp: Path) -> None:
-        tmp.write_text("partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write(target, crash)
-    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]

@@ -5,6 +5,7 @@ import io
 import math
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,6 +14,8 @@ from pycocotools.coco import COCO
 
 from mambazoo.dense.evaluation import CocoEvaluator, ConfusionMatrix, detections_to_coco
 from mambazoo.dense.synthetic import mask_to_rle
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 HEIGHT, WIDTH = 40, 60
 
@@ -81,7 +84,8 @@ def test_coco_ap_counts_iou_thresholds() -> None:
 def test_coco_evaluator_without_detections_and_bad_types() -> None:
     evaluator = CocoEvaluator(_ground_truth([(10, 10, 30, 30)]), category_ids=[5])
     evaluator.update([_prediction([], [])], [7])
-    assert evaluator.summarize()["bbox_AP"] == 0.0
+    metrics = evaluator.summarize()  # a 20x20 object (small): 0 where COCO has objects, NaN where it has none
+    assert metrics["bbox_AP"] == metrics["segm_APs"] == 0.0 and np.isnan(metrics["bbox_APm"])
     with pytest.raises(ValueError, match="iou_types must be"):
         CocoEvaluator(None, [5], iou_types=("keypoints",))
 

@@ -8,6 +8,8 @@ from timm.models import is_model
 import mambazoo
 from mambazoo.dense import TAP_SPECS, UperNet, build_mask_rcnn, slide_inference
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAMILIES = ("vim", "plainmamba", "mambaout", "mambavision", "spatialmamba")
 TEST_MODELS = [TAP_SPECS[family].test_model for family in FAMILIES]
 TINY_RCNN = dict(min_size=64, max_size=96, fpn_channels=16, box_representation=32, mask_head_channels=8,

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import mambazoo  # noqa: F401  (registers the models)
 from mambazoo.checkpoint import CheckpointMismatchError
 from mambazoo.models.plainmamba import PlainMamba2D, checkpoint_filter_fn, zigzag_scan_orders
 from mambazoo.ops import available_backends

@@ -1,5 +1,6 @@
 """Every ```python block of README.md and docs/*.md runs as written; every `mambazoo ...` command line parses
-(``mambazoo train``/``validate`` and ``torchrun -m mambazoo.train`` lines with the training parsers).
+(``mambazoo train``/``validate`` and ``torchrun -m mambazoo.train`` lines with the training parsers, a dense task's
+flags after ``validate --task`` with that task's).
 
 A block that needs a download is preceded by an HTML comment the reader does not see::
 
@@ -150,6 +151,7 @@ def _parse(words: list[str]) -> None:
     """Parse a documented command line with the parser that would run it (training flags have their own)."""
     from mambazoo.training.config import parse_train_args
     from mambazoo.training.evaluation import build_validate_parser
+    from mambazoo.training.tasks import get_task
 
     if words[0] in ("python", "torchrun"):  # python -m mambazoo[.train|.validate] ..., torchrun ... -m ...
         module = words[words.index("-m") + 1]
@@ -157,8 +159,9 @@ def _parse(words: list[str]) -> None:
     command, arguments = (words[1], words[2:]) if len(words) > 1 else (None, [])
     if command == "train":
         parse_train_args(arguments)
-    elif command == "validate":
-        build_validate_parser().parse_args(arguments)
+    elif command == "validate":  # another task's flags come with its --task
+        task = build_validate_parser().parse_known_args(arguments)[0].task
+        build_validate_parser(task=get_task(task) if task else None).parse_args(arguments)
     else:
         cli._parser().parse_args(words[1:])
 

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import mambazoo  # noqa: F401  (registers the models)
 from mambazoo.checkpoint import CheckpointError, Placeholder, load_checkpoint_file
 from mambazoo.flops import count_model_macs
 from mambazoo.models.spatialmamba import StateFusion, StructureAwareSSM, checkpoint_filter_fn, fuse_states, \

@@ -14,7 +14,7 @@ from mambazoo import create_model
 from mambazoo.cli import main as cli_main
 from mambazoo.models.vim import resize_pos_embed
 from mambazoo.training import RECIPES, train, validate
-from mambazoo.training.checkpoints import atomic_write, load_model_weights
+from mambazoo.training.checkpoints import load_model_weights
 from mambazoo.training.classification import create_classifier
 from mambazoo.training.config import parse_train_args
 from mambazoo.training.data import EpochSampler, load_fashion_mnist, load_image_folder, sample_seed
@@ -22,7 +22,8 @@ from mambazoo.training.distributed import Distributed, find_blocks
 from mambazoo.training.engine import check_run_args
 from official_keys import DATA, parse_key_line
 from training_helpers import DIGITS_ARGS
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_DIGITS_VAL = 359
 
@@ -246,21 +247,6 @@ def test_repeated_augmentation_spreads_copies_over_ranks():
         indices = [share[step][0] for share in shares]
         assert len(set(indices)) == 1  # the 3 copies of one image, one per rank
         assert len({share[step][1] for share in shares}) == 3
-
-
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
-    target = tmp_path / "file.txt"
-    target.write_text("old")
-
-    def half_then_crash(tmp):
-        tmp.write_text("ne")
-        raise RuntimeError("disk gone")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, half_then_crash)
-    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["file.txt"]
-    atomic_write(target, lambda tmp: tmp.write_text("new"))
-    assert target.read_text() == "new"
 
 
 def _write_idx(path, magic: int, array: np.ndarray) -> None:

@@ -5,12 +5,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from mambazoo import create_model
 from mambazoo.training import load_model_weights, resolve_weights_file, train, validate
 from training_helpers import DIGITS_ARGS, max_abs_diff, read_weights
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # One epoch, global batch 128 (64 per rank): 11 steps. No mixup, dropout or drop path, so the only difference
 # between one and two processes is the order of floating-point sums (gradients averaged over two halves).

@@ -5,38 +5,19 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
+import pytest
 import torch
 
 from mambazoo.training import train
-from training_helpers import DIGITS_ARGS, read_weights
-from training_helpers import one_torch_thread  # noqa: F401 (autouse fixture)
+from training_helpers import DIGITS_ARGS, KILLER, read_weights
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Mixup (numpy RNG), drop path (torch RNG), random augmentation (per-sample seeds) and EMA are all on, so every
 # piece of resumable state matters. 11 steps per epoch at batch 128; checkpoints every 4 steps plus epoch ends.
 RUN_ARGS = DIGITS_ARGS + ["-b", "128", "--epochs", "2", "--lr", "3e-3", "--mixup", "0.2", "--drop-path", "0.1",
                           "--model-ema", "--model-ema-decay", "0.9", "--recovery-interval", "4", "--seed", "3"]
-
-# Replaces safetensors' writer in the child: the KILL_AT-th checkpoint file is written halfway, then SIGKILL.
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import mambazoo.training.checkpoints as checkpoints
-    from safetensors.torch import save_file
-
-    kill_at, calls = int(sys.argv[1]), []
-
-    def crash_midway(tensors, path, metadata=None):
-        calls.append(path)
-        save_file(tensors, path, metadata=metadata)
-        if len(calls) == kill_at:
-            os.truncate(path, os.path.getsize(path) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    checkpoints.save_file = crash_midway
-    from mambazoo.train import main
-    sys.exit(main(sys.argv[2:]))
-""")
 
 
 def test_kill_during_checkpoint_write_then_resume_is_bitwise_identical(tmp_path):

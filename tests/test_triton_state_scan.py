@@ -4,6 +4,7 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors at small si
 before triton is imported, so ``test_kernels_under_the_interpreter`` re-runs this file in a subprocess with
 ``TRITON_INTERPRET=1``. On a CUDA machine the same checks run natively (plus a ~67k-token sequence).
 """
+import importlib
 import os
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_triton  # noqa: F401  (under TRITON_INTERPRET=1 importing it vectorises the interpreter's scan)
 from mambazoo.ops import state_scan
 from mambazoo.ops.capabilities import backend_status
 from test_state_scan import _poisoned_inputs, cast, make_inputs, relative_error, states_and_grads
+
+importlib.import_module("test_triton")  # under TRITON_INTERPRET=1 importing it vectorises the interpreter's scan
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MODE = "interpreter" if INTERPRETER else "cuda" if torch.cuda.is_available() else None

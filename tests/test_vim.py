@@ -10,7 +10,6 @@ import timm
 import timm.optim
 from safetensors.torch import save_file
 
-import mambazoo  # noqa: F401  (registers the models)
 from mambazoo.models.vim import checkpoint_filter_fn, resize_pos_embed
 from mambazoo.ops import available_backends
 from official_keys import read_key_shapes

@@ -18,8 +18,9 @@ Every family's loading goes through this module, so every loading error names th
   ``pretrained_cfg_overlay=dict(file=...)`` is read with :func:`load_checkpoint_file` (so its errors name it), hub
   downloads load with the family's allow-list, and a mismatch raised by the filter names the weights' source
   (file, hub id or URL).
-* :func:`save_state_dict` and :func:`atomic_write` write files atomically (a temporary file in the same folder,
-  then ``os.replace``): an interrupted write never leaves a truncated checkpoint or result file behind.
+* :func:`save_state_dict`, :func:`write_text` and :func:`atomic_write` write files atomically (a temporary file in
+  the same folder, fsynced, then ``os.replace``): an interrupted write never leaves a truncated checkpoint or result
+  file behind.
 
 A family's model file uses it like this::
 
@@ -59,9 +60,13 @@ __all__ = [
     "describe_source",
     "load_checkpoint_file",
     "save_state_dict",
+    "unwrap_state_dict",
+    "write_text",
 ]
 
 PathLike = Union[str, os.PathLike]
+# Marks the temporary files of atomic writes: ``.<target name>.tmp-<random>``.
+TEMPORARY_MARK = ".tmp-"
 UNKNOWN_OBJECTS = ("error", "placeholder")
 _logger = logging.getLogger(__name__)
 
@@ -205,11 +210,14 @@ def check_state_dict(
         source: Optional[str] = None,
         ignore_prefixes: Sequence[str] = (),
         hint: Optional[Callable[[list[str], list[str]], Optional[str]]] = None,
+        adaptable: bool = True,
 ) -> None:
     """Raise :class:`CheckpointMismatchError` unless ``state_dict`` has exactly the model's keys and shapes.
 
-    Keys that timm adapts after a family's filter are not compared: the classifier when the model's ``num_classes``
-    differs from its pretrained config's, and the input-channel dimension of the first conv (``first_conv``).
+    With ``adaptable`` (timm's pretrained loading), keys that timm adapts after a family's filter are not compared:
+    the classifier when the model's ``num_classes`` differs from its pretrained config's, and the input-channel
+    dimension of the first conv (``first_conv``). Without it every key and shape must match (a direct
+    ``load_state_dict``).
 
     Args:
         state_dict: The converted state dict (the model's key names).
@@ -217,8 +225,9 @@ def check_state_dict(
         source: Where the weights come from, named in the error (e.g. the file).
         ignore_prefixes: Key prefixes left out of the comparison on both sides.
         hint: ``hint(missing, unexpected)`` gives a family-specific remark for the error, or None.
+        adaptable: Leave out what timm adapts when it loads pretrained weights (see above).
     """
-    classifiers, first_convs = _adaptable_keys(model)
+    classifiers, first_convs = _adaptable_keys(model) if adaptable else (set(), set())
 
     def kept(key: str) -> bool:
         return key not in classifiers and not key.startswith(tuple(ignore_prefixes))
@@ -239,6 +248,18 @@ def check_state_dict(
         remark = hint(missing, unexpected) if hint is not None else None
         raise CheckpointMismatchError(_model_name(model), missing, unexpected, mismatched, len(expected), source,
                                       remark)
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any], source: str) -> dict[str, Tensor]:
+    """The state dict inside a checkpoint: itself, or its ``state_dict`` / ``model`` entry (mmdet/mmseg/mmcls and
+    training checkpoints); an error naming ``source`` when no mapping of tensors is found."""
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    if not checkpoint or not all(isinstance(value, Tensor) for value in checkpoint.values()):
+        raise CheckpointError(f"{source} holds no state dict of tensors (top-level keys: {list(checkpoint)[:8]})")
+    return dict(checkpoint)
 
 
 def check_checkpoint_path(path: PathLike) -> Path:
@@ -448,30 +469,66 @@ def build_model_with_checkpoint(
             preloaded.clear()  # the model's pretrained cfg keeps a reference to this dict: release the tensors
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (no-op where folders cannot be opened)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (``mkstemp`` files are private: 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step (else it is removed)."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step (else it is removed).
+
+    The temporary file (``.<name>.tmp-<random>``) is fsynced and given the permissions of a plainly created file
+    before the rename, and the folder is fsynced after it: readers see the old file or the complete new one, and a
+    crash at any moment leaves one of the two on disk.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}{TEMPORARY_MARK}", dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+    _fsync_folder(path.parent)
+
+
+def write_text(path: PathLike, text: str) -> Path:
+    """Write a text file atomically (see :func:`atomic_write`)."""
+    with atomic_write(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)
 
 
 def save_state_dict(
-        state_dict: Mapping[str, Tensor],
+        state_dict: Mapping[str, Any],
         path: PathLike,
         metadata: Optional[dict[str, str]] = None,
 ) -> Path:
     """Write a state dict atomically: safetensors for ``.safetensors`` paths, else ``torch.save``.
 
     Args:
-        state_dict: Tensors by key (for safetensors, tensors must not share memory; non-contiguous ones are copied).
+        state_dict: Tensors by key for safetensors (copied to contiguous CPU tensors; tensors sharing memory are
+            copied apart); any ``torch.save``-able mapping otherwise (e.g. a training state).
         path: Target file.
         metadata: String metadata stored in the safetensors header.
     """
@@ -480,8 +537,18 @@ def save_state_dict(
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
-            save_file(tensors, str(temporary), metadata=metadata)
+            save_file(_separate_tensors(state_dict), str(temporary), metadata=metadata)
         else:
             torch.save(dict(state_dict), temporary)
     return path
+
+
+def _separate_tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU tensors, none sharing memory with another (safetensors refuses shared storage)."""
+    seen, separate = set(), {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        separate[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return separate

@@ -20,7 +20,7 @@ DEMO_CANDIDATES = ("vim_tiny_patch16_224", "plainmamba_l1", "mambavision_t", "sp
 DEMO_RESOLUTIONS = (224, 512, 768, 1024, 1248)
 # Subcommands handled by their own modules (flags: ``mambazoo train --help``; docs/training.md).
 DELEGATED = {"train": "train or fine-tune a model, one process or many under torchrun",
-             "validate": "evaluate a classifier: top-1, top-5, loss, img/s"}
+             "validate": "evaluate weights or a training run (top-1/top-5, box/mask AP or mIoU)"}
 VIM, DEIT_SDPA, DEIT_MATH = "vim_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_patch16_224:math"
 EXPORT_FORMATS = ("onnx", "pt2")
 
@@ -61,7 +61,7 @@ def _non_negative(text: str) -> int:
     return value
 
 
-class _ParseKwargs(argparse.Action):
+class ParseKwargs(argparse.Action):
     """``key=value`` pairs into a dict; values are Python literals where they parse (as timm's ``ParseKwargs``).
 
     Repeating the flag adds to the pairs given before.
@@ -118,7 +118,7 @@ def _add_bench(commands) -> None:
                         help="autocast dtype with --precision amp (default: bfloat16)")
     parser.add_argument("--channels-last", action="store_true",
                         help="use the channels-last memory format (default: off)")
-    parser.add_argument("--model-kwargs", nargs="*", default={}, action=_ParseKwargs, metavar="KEY=VALUE",
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                         help="extra model arguments, e.g. scan_backend=torch (default: none)")
     parser.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="torch.compile the model with this backend; alone it means inductor (default: eager)")
@@ -175,7 +175,7 @@ def _add_export(commands) -> None:
                              "(default: 2)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size (default: dynamic)")
     parser.add_argument("--opset", type=_positive, default=18, help="ONNX opset (default: 18)")
-    parser.add_argument("--model-kwargs", nargs="*", default={}, action=_ParseKwargs, metavar="KEY=VALUE",
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                         help="extra model arguments, e.g. scan_backend=torch (default: none)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime check against PyTorch (default: check)")
@@ -377,29 +377,34 @@ def _create_for_export(create: Callable, name: str, pretrained: bool, kwargs: di
 def _add_predict(commands) -> None:
     parser = commands.add_parser("predict", help="draw detections or a segmentation of an image into a PNG",
                                  description="Run a detection (Mask R-CNN) or segmentation (UperNet) model on one "
-                                             "image and draw its boxes, masks or class map into a PNG.")
-    parser.add_argument("--model", "-m", required=True,
-                        help="registered backbone name, e.g. vim_tiny_patch16_224 (required)")
-    parser.add_argument("--task", choices=("detection", "segmentation"), required=True, help="the head (required)")
+                                             "image and draw its boxes, masks or class map into a PNG: a training "
+                                             "run (--checkpoint RUN_FOLDER), or --model and --task with random "
+                                             "weights or --checkpoint FILE.")
+    parser.add_argument("--model", "-m", default=None,
+                        help="registered backbone name, e.g. vim_tiny_patch16_224 (default: the run's)")
+    parser.add_argument("--task", choices=("detection", "segmentation"), default=None,
+                        help="the head (default: the run's)")
     parser.add_argument("--image", type=Path, required=True, help="input image, any format PIL reads (required)")
     parser.add_argument("--output", "-o", type=Path, required=True, help="PNG to write (required)")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="weights of the whole dense model (default: random weights)")
+                        help="a detection/segmentation training run folder (its model, classes and best weights), "
+                             "or a file with the weights of the whole dense model (default: random weights)")
     parser.add_argument("--classes", type=Path, default=None,
-                        help="a dataset's classes.json giving names and count (default: none)")
+                        help="a dataset's classes.json giving names and count, without a run folder (default: none)")
     parser.add_argument("--num-classes", type=_positive, default=None,
                         help="class count when no --classes is given (default: none)")
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="detection: lowest score drawn (default: 0.5)")
-    parser.add_argument("--min-size", type=_positive, default=800,
-                        help="detection: shorter side after resizing (default: 800)")
-    parser.add_argument("--max-size", type=_positive, default=1333,
-                        help="detection: longer side limit (default: 1333)")
+    parser.add_argument("--min-size", type=_positive, default=None,
+                        help="detection: shorter side after resizing (default: the run's, else 800)")
+    parser.add_argument("--max-size", type=_positive, default=None,
+                        help="detection: longer side limit (default: the run's, else 1333)")
     parser.add_argument("--slide", type=_positive, nargs=2, metavar=("CROP", "STRIDE"), default=None,
-                        help="segmentation: sliding-window inference with square crops (default: whole image)")
-    parser.add_argument("--head", nargs="*", default={}, action=_ParseKwargs, metavar="KEY=VALUE",
-                        help="options of build_mask_rcnn / UperNet, e.g. fpn_channels=128; must match the "
-                             "checkpoint (default: none)")
+                        help="segmentation: sliding-window inference with square crops (default: the run's test "
+                             "mode, else whole image)")
+    parser.add_argument("--head", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                        help="options of build_mask_rcnn / UperNet without a run folder, e.g. fpn_channels=128; "
+                             "must match the checkpoint (default: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (default: 0)")
 
 

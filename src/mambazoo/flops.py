@@ -29,7 +29,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .ops import causal_conv1d, state_scan  # noqa: F401  (register the mambazoo::causal_conv1d_<kernel> and state-scan ops)
 from .ops.selective_scan import route_through_custom_op
 
 __all__ = ["SCAN_MACS_PER_ELEMENT", "MacCount", "attention_macs", "count_macs", "count_model_macs", "scan_macs"]

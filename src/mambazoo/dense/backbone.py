@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from ..checkpoint import CheckpointMismatchError, check_state_dict
 from ..zoo import create_model
-from .checkpoint import strict_load
 from .taps import HIERARCHICAL, OUTPUT_STRIDES, TapSpec, tap_spec_for, tap_spec_for_model
 
 __all__ = ["DenseBackbone", "SimplePyramid", "create_backbone", "load_backbone_checkpoint"]
@@ -176,8 +176,10 @@ def load_backbone_checkpoint(backbone: DenseBackbone, state_dict: Mapping[str, T
     """Load the backbone part of an official downstream (mmdet/mmseg) checkpoint into ``backbone``, strictly.
 
     Keys under ``prefix`` are taken (others — neck, heads — are ignored): the per-level norms (e.g.
-    ``outnorm{i}.*``) go to the adapter, everything else through the family's ``checkpoint_filter_fn`` (when its
-    model module has one) into the wrapped model.
+    ``outnorm{i}.*``) go to the adapter, the simple pyramid's ``fpn1``-``fpn4`` (Vim's segmentation backbone) to its
+    pyramid, everything else through the family's ``checkpoint_filter_fn`` (when its model module has one) into the
+    wrapped model. A checkpoint without pyramid keys (families whose official backbone has none, e.g. PlainMamba)
+    leaves the pyramid as initialised.
 
     Returns:
         The number of ignored keys outside ``prefix``.
@@ -189,12 +191,20 @@ def load_backbone_checkpoint(backbone: DenseBackbone, state_dict: Mapping[str, T
     where = f" in {source}" if source else ""
     if not selected:
         raise ValueError(f"no keys start with {prefix!r}{where} (first keys: {list(state_dict)[:5]})")
-    norm_names = {name for name in backbone.norm_names if name is not None}
-    norms = {key: value for key, value in selected.items() if key.split(".", 1)[0] in norm_names}
-    model_part = {key: value for key, value in selected.items() if key not in norms}
+    adapter_names = {name for name in backbone.norm_names if name is not None}
+    pyramid_names = set(dict(backbone.pyramid.named_children())) if backbone.pyramid is not None else set()
+    adapter = {key: value for key, value in selected.items() if key.split(".", 1)[0] in adapter_names}
+    pyramid = {f"pyramid.{key}": value for key, value in selected.items() if key.split(".", 1)[0] in pyramid_names}
+    model_part = {key: value for key, value in selected.items()
+                  if key.split(".", 1)[0] not in adapter_names | pyramid_names}
     filter_fn = getattr(sys.modules[type(backbone.model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        model_part = filter_fn(model_part, backbone.model)
-    converted = {**norms, **{f"model.{key}": value for key, value in model_part.items()}}
-    strict_load(backbone, converted, source)
+        try:
+            model_part = filter_fn(model_part, backbone.model)
+        except CheckpointMismatchError as error:
+            raise error.with_source(source or "the backbone checkpoint") from None
+    converted = {**adapter, **pyramid, **{f"model.{key}": value for key, value in model_part.items()}}
+    keep_pyramid = () if pyramid or backbone.pyramid is None else ("pyramid.",)
+    check_state_dict(converted, backbone, source, ignore_prefixes=keep_pyramid, adaptable=False)
+    backbone.load_state_dict(converted, strict=not keep_pyramid)
     return len(state_dict) - len(selected)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 __all__ = [
     "CocoDetection",
     "DetectionTransform",
+    "RepeatDataset",
     "SegmentationFolder",
     "SegmentationTransform",
     "detection_collate",
@@ -109,16 +110,22 @@ class SegmentationFolder(Dataset):
     """Images with index masks of the same name: ``root/images/<name>.*`` and ``root/masks/<name>.png``.
 
     Args:
-        root: Folder holding ``images/`` and ``masks/``.
+        root: Folder holding the image and mask folders.
         transforms: Called as ``transforms(image, target)``.
         class_names: Names of the labels 0..K-1 (e.g. ``read_class_names(dataset_root)["semantic"]``).
+        images: Image folder, relative to ``root``.
+        masks: Mask folder, relative to ``root`` (e.g. ADE20K: ``images/training`` and ``annotations/training``).
+        reduce_zero_label: Label 0 means "unlabelled" (ADE20K): it becomes 255 and every other label drops by one
+            (mmseg's ``reduce_zero_label``).
     """
 
     def __init__(self, root: Union[str, Path], transforms: Optional[Callable] = None,
-                 class_names: Optional[Sequence[str]] = None) -> None:
+                 class_names: Optional[Sequence[str]] = None, images: str = "images", masks: str = "masks",
+                 reduce_zero_label: bool = False) -> None:
         self.class_names = list(class_names) if class_names is not None else None
+        self.reduce_zero_label = reduce_zero_label
         root = Path(root)
-        image_dir, mask_dir = root / "images", root / "masks"
+        image_dir, mask_dir = root / images, root / masks
         for folder in (image_dir, mask_dir):
             if not folder.is_dir():
                 raise FileNotFoundError(f"segmentation folder needs {folder}")
@@ -138,9 +145,30 @@ class SegmentationFolder(Dataset):
         image = load_image(self.images[index])
         with Image.open(self.masks[index]) as mask:
             target = torch.from_numpy(np.array(mask).astype(np.int64))
+        if self.reduce_zero_label:
+            target = torch.where(target == 0, IGNORE_INDEX, target - 1)
+            target[target == IGNORE_INDEX - 1] = IGNORE_INDEX
         if target.shape != image.shape[-2:]:
             raise ValueError(f"{self.masks[index]} is {tuple(target.shape)}, its image {tuple(image.shape[-2:])}")
         return self.transforms(image, target) if self.transforms else (image, target)
+
+
+class RepeatDataset(Dataset):
+    """``dataset`` repeated ``times`` times in a row, so that an epoch of a small dataset holds more steps (mmdet's
+    ``RepeatDataset``)."""
+
+    def __init__(self, dataset: Dataset, times: int) -> None:
+        if times < 1:
+            raise ValueError(f"times must be positive, got {times}")
+        self.dataset, self.times = dataset, times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return self.dataset[index % len(self.dataset)]
 
 
 class DetectionTransform:

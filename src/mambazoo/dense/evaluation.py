@@ -89,9 +89,20 @@ class CocoEvaluator:
         self.results = [result for results, _ in gathered for result in results]
         self.image_ids = {image_id for _, ids in gathered for image_id in ids}
 
+    def _no_detections(self):
+        """An empty result set (pycocotools' ``loadRes`` needs at least one detection)."""
+        from pycocotools.coco import COCO
+
+        empty = COCO()
+        empty.dataset = dict(images=list(self.coco_gt.dataset["images"]),
+                             categories=list(self.coco_gt.dataset["categories"]), annotations=[])
+        empty.createIndex()
+        return empty
+
     def summarize(self) -> dict[str, float]:
         """``bbox_AP``, ``bbox_AP50``, ..., ``segm_APl`` over the images seen (NaN where COCO reports -1, i.e. no
-        ground truth in that area range); COCO's printed summary is kept in ``summary_text``."""
+        ground truth in that area range; 0 where there are objects but no detections); COCO's printed summary is
+        kept in ``summary_text``."""
         from pycocotools.cocoeval import COCOeval
 
         metrics, texts = {}, []
@@ -101,13 +112,9 @@ class CocoEvaluator:
             dropped = "segmentation" if iou_type == "bbox" else "bbox"
             results = [{k: v for k, v in r.items() if k != dropped} for r in self.results
                        if iou_type == "bbox" or "segmentation" in r]
-            if not results:
-                metrics.update({f"{iou_type}_{name}": 0.0 for name in COCO_STATS})
-                texts.append(f"{iou_type}: no detections")
-                continue
             output = io.StringIO()
             with contextlib.redirect_stdout(output):
-                coco_dt = self.coco_gt.loadRes(results)
+                coco_dt = self.coco_gt.loadRes(results) if results else self._no_detections()
                 evaluator = COCOeval(self.coco_gt, coco_dt, iou_type)
                 evaluator.params.imgIds = sorted(self.image_ids)
                 evaluator.evaluate()

@@ -28,8 +28,7 @@ def _layer_ids(backbone: DenseBackbone, prefix: str) -> tuple[dict[str, int], in
     return {f"{prefix}model.{name}": rank[value] for name, value in layer_map.items()}, len(ids)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float,
-                 layer_decay: Optional[float] = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
     """Parameter groups for a dense model (BEiT-style layer decay, as timm's ``param_groups_layer_decay``).
 
     No weight decay for 1-D parameters (norms, biases) and the backbone's ``no_weight_decay()`` names. With
@@ -37,8 +36,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     gets ``lr_scale = layer_decay ** (n - i)`` and everything else (adapter norms and pyramid, neck, heads) scale 1.
 
     Returns:
-        Groups with ``params``, ``param_names``, ``weight_decay``, ``lr_scale`` and ``lr`` (= ``lr * lr_scale``, so
-        that both torch schedulers and timm's, which re-apply ``lr_scale``, see the scaled rate).
+        Groups with ``params``, ``param_names``, ``weight_decay`` and ``lr_scale``. As with timm's groups, the
+        optimiser gives every group the base learning rate and timm's schedulers multiply it by ``lr_scale``.
     """
     prefix, backbone = find_backbone(model)
     inner = backbone.model
@@ -51,7 +50,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
         decays = param.ndim > 1 and name not in no_decay
         layer = layer_of.get(name, num_layers)
         scale = layer_decay ** (num_layers - layer) if layer_decay is not None else 1.0
-        group = groups.setdefault((layer, decays), dict(params=[], param_names=[], lr_scale=scale, lr=lr * scale,
+        group = groups.setdefault((layer, decays), dict(params=[], param_names=[], lr_scale=scale,
                                                          weight_decay=weight_decay if decays else 0.0))
         group["params"].append(param)
         group["param_names"].append(name)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from .taps import tap_spec_for
 
-__all__ = ["DenseRecipe", "RECIPES", "TASKS", "get_recipe"]
+__all__ = ["DEFAULTS", "DenseRecipe", "RECIPES", "TASKS", "VARIANTS", "get_recipe"]
 
 TASKS = ("detection", "segmentation")
 
@@ -84,6 +84,9 @@ def _upernet_160k(family: str, lr: float = 6e-5, weight_decay: float = 0.01, **k
                 crop_size=(512, 512))
     return DenseRecipe(family=family, task="segmentation", **{**base, **kwargs})
 
+
+# What the training tasks use without --recipe: the common protocols with the values of Swin's mmdet/mmseg configs.
+DEFAULTS: dict[str, DenseRecipe] = dict(detection=_detection_1x("default"), segmentation=_upernet_160k("default"))
 
 RECIPES: dict[tuple[str, str], DenseRecipe] = {(recipe.family, recipe.task): recipe for recipe in (
     _detection_1x(

@@ -105,7 +105,7 @@ class UperNet(nn.Module):
     Args:
         backbone: A registered model name or a :class:`DenseBackbone`.
         num_classes: Classes (label values 0..num_classes-1; ``ignore_index`` is ignored).
-        channels: UperNet head width (512 in most papers; Vim uses its embedding width).
+        channels: UperNet head width (512 in most papers); None: the backbone's finest width (Vim's embedding width).
         aux_channels: Auxiliary head width (256); 0 disables the auxiliary head.
         aux_index: Level the auxiliary head reads (2 in most recipes; PlainMamba 3).
         aux_weight: Auxiliary loss weight (0.4).
@@ -120,7 +120,7 @@ class UperNet(nn.Module):
             self,
             backbone: Union[str, DenseBackbone],
             num_classes: int,
-            channels: int = 512,
+            channels: Optional[int] = 512,
             aux_channels: int = 256,
             aux_index: int = 2,
             aux_weight: float = 0.4,
@@ -147,6 +147,7 @@ class UperNet(nn.Module):
         self.aux_index = aux_index
         self.aux_weight = aux_weight
         self.backbone = backbone
+        channels = backbone.out_channels[0] if channels is None else channels
         self.decode_head = UperNetHead(backbone.out_channels, num_classes, channels, pool_scales, dropout, **dd)
         self.auxiliary_head = FCNHead(backbone.out_channels[aux_index], num_classes, aux_channels, dropout, **dd) \
             if aux_channels else None

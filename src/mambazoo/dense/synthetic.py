@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .checkpoint import atomic_write
+from ..checkpoint import atomic_write, write_text
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -106,11 +106,12 @@ def _annotation(ann_id: int, image_id: int, category_id: int, mask: np.ndarray, 
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    with atomic_write(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
 
 
 def _write_json(path: Path, content: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content)))
+    write_text(path, json.dumps(content))
 
 
 def _coco(images: list[dict], annotations: list[dict], class_names: Sequence[str], description: str) -> dict:

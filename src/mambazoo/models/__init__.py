@@ -3,3 +3,5 @@ from . import mambavision
 from . import plainmamba
 from . import spatialmamba
 from . import vim
+
+__all__ = ["mambavision", "plainmamba", "spatialmamba", "vim"]

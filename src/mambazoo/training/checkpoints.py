@@ -1,100 +1,35 @@
-"""Checkpoints: atomic writes, the last and best-N checkpoints of a run, and strict weight loading.
+"""Checkpoints of a run (the last and the best N) and strict weight loading, on :mod:`mambazoo.checkpoint`.
 
 A run folder holds ``checkpoints/<name>.safetensors`` (model weights), ``<name>.ema.safetensors`` (EMA weights, if
 any), ``<name>.state.pt`` (the resumable training state, ``torch.load(weights_only=True)``-safe) and
-``checkpoints.json``, the manifest naming the last checkpoint and the best N. Every file is written to a temporary
-file in the same folder, fsynced and renamed over the target (``os.replace``); the manifest is written last, so a
+``checkpoints.json``, the manifest naming the last checkpoint and the best N. Every file is written atomically
+(:func:`mambazoo.checkpoint.atomic_write`: a temporary file, fsynced and renamed); the manifest is written last, so a
 crash at any moment leaves the previous manifest and every file it names intact. See ``docs/training.md``.
 """
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from ..checkpoint import TEMPORARY_MARK, check_state_dict, load_checkpoint_file, save_state_dict, write_text
 
 __all__ = [
     "CHECKPOINT_DIR",
     "MANIFEST",
     "CheckpointManager",
-    "atomic_write",
-    "check_state_dict",
     "load_model_weights",
     "read_manifest",
     "read_state_dict",
     "resolve_weights_file",
-    "save_tensors",
-    "save_torch",
-    "write_text",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "checkpoints.json"
 MANIFEST_FORMAT = "mambazoo-checkpoints"
-_TMP_MARK = ".tmp-"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory handles
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Union[str, Path], write: Callable[[Path], None]) -> Path:
-    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder, then fsync + rename.
-
-    Readers see either the old file or the complete new one, never a partial write.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it (some writers use 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def write_text(path: Union[str, Path], text: str) -> Path:
-    """Atomically write a text file."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def save_tensors(path: Union[str, Path], tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> Path:
-    """Atomically write tensors as safetensors (contiguous CPU copies; tensors sharing memory are copied apart)."""
-    seen, prepared = set(), {}
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        prepared[key] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    return atomic_write(path, lambda tmp: save_file(prepared, str(tmp), metadata=metadata))
-
-
-def save_torch(path: Union[str, Path], obj: Any) -> Path:
-    """Atomically ``torch.save`` an object."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_state_dict(path: Union[str, Path]) -> dict[str, Any]:
@@ -102,15 +37,9 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, Any]:
 
     Official Vim training checkpoints pickle an ``argparse.Namespace``; it is allow-listed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
     from ..models.vim import CHECKPOINT_SAFE_GLOBALS
 
-    with torch.serialization.safe_globals(list(CHECKPOINT_SAFE_GLOBALS)):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint_file(path, CHECKPOINT_SAFE_GLOBALS)
 
 
 def read_manifest(run_dir: Union[str, Path]) -> dict[str, Any]:
@@ -142,26 +71,6 @@ def resolve_weights_file(path: Union[str, Path], which: str = "best", ema: Optio
     if use_ema and not entry.get("ema"):
         raise ValueError(f"{path}: checkpoint {entry['name']} has no EMA weights (the run had no --model-ema)")
     return path / CHECKPOINT_DIR / f"{entry['name']}{'.ema' if use_ema else ''}.safetensors"
-
-
-def _diff_lines(missing: list[str], unexpected: list[str], misshaped: list[str]) -> list[str]:
-    lines = [f"  missing ({len(missing)}): {', '.join(missing)}"] if missing else []
-    lines += [f"  unexpected ({len(unexpected)}): {', '.join(unexpected)}"] if unexpected else []
-    return lines + [f"  mis-shaped: {line}" for line in misshaped]
-
-
-def check_state_dict(state_dict: dict[str, Tensor], model: nn.Module, source: str,
-                     ignore: tuple[str, ...] = ()) -> None:
-    """Raise a ValueError naming ``source`` and listing missing, unexpected and mis-shaped keys (except ``ignore``)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in ignore}
-    given = {k: tuple(v.shape) for k, v in state_dict.items() if k not in ignore}
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    misshaped = [f"{k}: checkpoint {given[k]} vs model {expected[k]}"
-                 for k in sorted(expected.keys() & given.keys()) if given[k] != expected[k]]
-    if missing or unexpected or misshaped:
-        lines = [f"{source} does not match {type(model).__name__}:"] + _diff_lines(missing, unexpected, misshaped)
-        raise ValueError("\n".join(lines))
 
 
 def _family_filter(model: nn.Module) -> Optional[Callable]:
@@ -217,7 +126,7 @@ def load_model_weights(model: nn.Module, path: Union[str, Path], reset_head: boo
                              f"from it with --pretrained-path {file} to start from a new classifier")
         skipped = [key for key in head_keys if key in state_dict]
         state_dict = {k: v for k, v in state_dict.items() if k not in skipped}
-    check_state_dict(state_dict, model, str(file), ignore=tuple(skipped))
+    check_state_dict(state_dict, model, str(file), ignore_prefixes=tuple(skipped), adaptable=False)
     model.load_state_dict(state_dict, strict=not skipped)
     return skipped
 
@@ -255,10 +164,10 @@ class CheckpointManager:
         no longer listed (including leftovers of interrupted writes)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         metadata = dict(format="pt", epoch=str(epoch), step=str(step))
-        save_tensors(self.folder / f"{name}.safetensors", weights, metadata)
+        save_state_dict(weights, self.folder / f"{name}.safetensors", metadata)
         if ema_weights is not None:
-            save_tensors(self.folder / f"{name}.ema.safetensors", ema_weights, metadata)
-        save_torch(self.folder / f"{name}.state.pt", state)
+            save_state_dict(ema_weights, self.folder / f"{name}.ema.safetensors", metadata)
+        save_state_dict(state, self.folder / f"{name}.state.pt")
         entry = dict(name=name, epoch=epoch, step=step, metric=metric, ema=ema_weights is not None)
         self.manifest["last"] = entry
         if metric is not None and not math.isnan(metric):  # a diverged run (NaN) is never "best"
@@ -273,7 +182,8 @@ class CheckpointManager:
         last = self.manifest["last"]["name"]
         keep = {f"{n}{suffix}" for n in names | {last} for suffix in (".safetensors", ".ema.safetensors")}
         keep.add(f"{last}.state.pt")
-        pattern = re.compile(r"^(\.)?(epoch|step)\d+.*(\.safetensors|\.state\.pt)(" + re.escape(_TMP_MARK) + r"\d+)?$")
+        temporary = re.escape(TEMPORARY_MARK)
+        pattern = re.compile(rf"^(\.)?(epoch|step)\d+.*(\.safetensors|\.state\.pt)({temporary}\w+)?$")
         for path in self.folder.iterdir():
             if path.name not in keep and pattern.match(path.name):
                 path.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from ..zoo import check_model_name, create_model, create_model_for_size
 from .checkpoints import load_model_weights
 from .data import DatasetSplits, build_classification_datasets
+from .recipes import RECIPES
 from .tasks import Task, TaskContext, register_task
 
 __all__ = ["ClassificationTask", "add_data_config_arguments", "create_classifier", "data_config_args"]
@@ -70,6 +71,7 @@ class ClassificationTask(Task):
     name = "classification"
     metric = "top1"
     higher_is_better = True
+    recipes = RECIPES
 
     def __init__(self, args: argparse.Namespace, context: TaskContext) -> None:
         super().__init__(args, context)

@@ -10,26 +10,29 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .recipes import RECIPES
 from .tasks import Task, get_task
 
-__all__ = ["RESUMABLE_CHANGES", "build_train_parser", "load_run_config", "parse_train_args", "resolve_learning_rate"]
+__all__ = ["RESUMABLE_CHANGES", "build_train_parser", "load_run_config", "parse_explicit_flags", "parse_train_args",
+           "resolve_learning_rate"]
 
 # Flags that may differ from the saved configuration when resuming (they do not change the optimisation).
 RESUMABLE_CHANGES = frozenset({"resume", "output", "experiment", "workers", "log_interval", "no_progress",
                                "recovery_interval", "checkpoint_hist", "device"})
 
 
-def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="classification", help="training task (default: classification)")
-    parser.add_argument("--recipe", default=None, choices=sorted(RECIPES),
-                        help="a family's published recipe as defaults (explicit flags still win)")
+def _add_common_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> None:
+    parser.add_argument("--task", default="classification",
+                        help="classification (default), detection, segmentation, or a task your script registers")
+    parser.add_argument("--recipe", default=None, choices=sorted(task.recipes) or None,
+                        help=f"a family's published {task.name} recipe as defaults (explicit flags still win)")
 
     group = parser.add_argument_group("Data")
     group.add_argument("--data-dir", default=None, metavar="DIR",
-                       help="ImageFolder root with train/ and val/ (or the Fashion-MNIST files' folder)")
+                       help="data root: an ImageFolder with train/ and val/ (or the Fashion-MNIST files' folder); "
+                            "detection and segmentation layouts: docs/dense.md")
     group.add_argument("--dataset", default="folder", metavar="NAME",
-                       help="digits | fashion-mnist | folder (ImageFolder at --data-dir, the default)")
+                       help="classification: digits | fashion-mnist | folder (ImageFolder at --data-dir, the "
+                            "default); detection: folder | coco; segmentation: folder | ade20k")
     group.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="data loading processes per rank")
     group.add_argument("--aug-repeats", type=int, default=0, metavar="N",
                        help="repeated augmentation: each image N times per epoch, spread over ranks (DeiT)")
@@ -56,10 +59,13 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="torch.compile the model (default backend: inductor)")
     group.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    group.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                       help="mixed precision (autocast)")
     group.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"),
                        help="autocast dtype (float16 adds a gradient scaler on CUDA)")
     group.add_argument("--fsdp", action="store_true", help="shard every block with FSDP2 instead of DDP")
+    group.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                       help="BatchNorm statistics over all processes (SyncBatchNorm; GPUs only)")
 
     group = parser.add_argument_group("Optimiser (timm create_optimizer_v2)")
     group.add_argument("--opt", default="sgd", metavar="NAME", help="optimiser, e.g. sgd, adamw, lamb")
@@ -83,7 +89,13 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup-lr", type=float, default=1e-5)
     group.add_argument("--min-lr", type=float, default=0.0)
     group.add_argument("--epochs", type=int, default=300)
+    group.add_argument("--iterations", type=int, default=None, metavar="N",
+                       help="train for N optimiser updates instead of --epochs (the last epoch stops early; needs "
+                            "--sched-on-updates; an explicit --epochs replaces a task's or recipe's value)")
     group.add_argument("--warmup-epochs", type=int, default=5)
+    group.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                       help="linear warm-up over N optimiser updates instead of --warmup-epochs (needs "
+                            "--sched-on-updates)")
     group.add_argument("--warmup-prefix", action="store_true", help="warm-up before (not inside) the schedule")
     group.add_argument("--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the schedule")
     group.add_argument("--decay-epochs", type=float, default=90)
@@ -112,7 +124,7 @@ def build_train_parser(task: type[Task], prog: str = "mambazoo train") -> argpar
     parser = argparse.ArgumentParser(
         prog=prog, description="Train or fine-tune a model (one process, or many under torchrun).",
         epilog="Recipes, resume and distributed notes: docs/training.md")
-    _add_common_arguments(parser)
+    _add_common_arguments(parser, task)
     task.add_arguments(parser)
     return parser
 
@@ -130,6 +142,14 @@ def _task_name(argv: Sequence[str]) -> str:
     return pre.parse_known_args(list(argv))[0].task
 
 
+def parse_explicit_flags(task: type[Task], argv: Sequence[str]) -> dict[str, Any]:
+    """The training flags given in ``argv`` (parsed without defaults: what remains was given)."""
+    quiet = build_train_parser(task)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return vars(quiet.parse_args(list(argv)))
+
+
 def parse_train_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, set[str]]:
     """Parse and resolve the training flags; returns the configuration and the set of explicitly given flags."""
     import sys
@@ -138,29 +158,32 @@ def parse_train_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Nam
     task = get_task(_task_name(argv))
     parser = build_train_parser(task)
     args = parser.parse_args(argv)
-    quiet = build_train_parser(task)  # parse again with every default suppressed: what remains was given
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    explicit = set(vars(quiet.parse_args(argv)))
+    explicit = set(parse_explicit_flags(task, argv))
     values = vars(args)
     unknown = set(task.defaults) - set(values)
     if unknown:
         raise ValueError(f"task {task.name!r} defaults name unknown flags: {sorted(unknown)}")
     values.update({k: v for k, v in task.defaults.items() if k not in explicit})
-    recipe = RECIPES.get(args.recipe)
+    if args.recipe is not None and not task.recipes:
+        raise ValueError(f"task {task.name!r} has no --recipe presets")
+    recipe = task.recipes.get(args.recipe)
     if recipe is not None:
         if args.model is None:
             raise ValueError("--recipe needs --model (recipes have per-variant settings)")
+        recipe.check_model(args.model)
         settings = recipe.resolve(args.model)
         unknown = set(settings) - set(values)
         if unknown:
             raise ValueError(f"recipe {recipe.family!r} sets flags the {task.name!r} task lacks: {sorted(unknown)}")
         values.update({k: v for k, v in settings.items() if k not in explicit})
+    for length, unit in (("iterations", "epochs"), ("warmup_steps", "warmup_epochs")):
+        if unit in explicit and length not in explicit:  # an explicit length in epochs replaces the preset's
+            values[length] = None
     if args.pretrained_path:
         args.pretrained = True
     if args.lr is None:
         args.lr = resolve_learning_rate(args)
-    for name, ratio in (recipe.lr_ratios.items() if recipe else ()):
+    for name, ratio in {**task.lr_ratios, **(recipe.lr_ratios if recipe else {})}.items():
         if name not in explicit:
             values[name] = args.lr * ratio
     return args, explicit

@@ -25,10 +25,10 @@ from .config import RESUMABLE_CHANGES, load_run_config, parse_train_args
 from .data import EpochSampler, create_eval_loader, create_train_loader
 from .distributed import Distributed, init_distributed, no_sync, shard_with_fsdp, wrap_ddp
 from .records import plot_summary, write_config, write_summary
-from .recipes import RECIPES
 from .tasks import TaskContext, get_task
 
-__all__ = ["TrainResult", "Trainer", "check_run_args", "seed_everything", "train"]
+__all__ = ["TrainResult", "Trainer", "check_run_args", "create_schedule", "enable_grad_checkpointing",
+           "seed_everything", "train"]
 
 STATE_FORMAT = "mambazoo-train-state"
 RUN_FILES = ("config.json", "summary.csv", "checkpoints.json")
@@ -141,7 +141,8 @@ class Trainer:
             run_dir = Path(args.output) / args.experiment if args.experiment else Path(args.output)
         else:
             stamp = self.dist.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
-            run_dir = Path("output/train") / f"{stamp}-{args.model}-{args.img_size or 'default'}"
+            size = getattr(args, "img_size", None) or "default"  # a classification flag
+            run_dir = Path("output/train") / f"{stamp}-{args.model}-{size}"
         taken = [name for name in RUN_FILES if (run_dir / name).exists()]
         if taken and not args.resume:
             raise ValueError(f"output folder {run_dir} holds another run ({', '.join(taken)}); continue it with "
@@ -155,11 +156,17 @@ class Trainer:
 
     def _build_model(self, module: nn.Module) -> None:
         args, device = self.args, self.dist.device
+        if args.sync_bn and self.dist.enabled:
+            if device.type == "cpu":
+                self._print("--sync-bn: SyncBatchNorm runs on GPUs only; on CPU every process keeps its own "
+                            "BatchNorm statistics")
+            else:
+                module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module.to(device)
         if args.channels_last:
             module.to(memory_format=torch.channels_last)
         if args.grad_checkpointing:
-            module.set_grad_checkpointing(True)
+            enable_grad_checkpointing(module)
         self.ema = None
         if args.model_ema:
             from timm.utils import ModelEmaV3
@@ -195,7 +202,6 @@ class Trainer:
 
     def _build_optimization(self) -> None:
         from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
 
         args = self.args
         extra = {}
@@ -208,12 +214,8 @@ class Trainer:
                                              layer_decay=args.layer_decay, **extra)
         self.batches_per_epoch = len(self.train_loader)
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
-        self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-            decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
-            min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-            warmup_prefix=args.warmup_prefix, step_on_epochs=not args.sched_on_updates,
-            updates_per_epoch=self.updates_per_epoch)
+        self.scheduler, self.num_epochs, self.max_updates = create_schedule(self.optimizer, args,
+                                                                            self.updates_per_epoch)
         cuda_fp16 = args.amp and args.amp_dtype == "float16" and self.dist.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None
 
@@ -221,8 +223,9 @@ class Trainer:
         config = dict(args=vars(self.args), data=self.data_config, dataset=self.datasets.description,
                       classes=list(self.datasets.classes), world_size=self.dist.world_size,
                       model_params=self.num_params, num_epochs=self.num_epochs,
-                      updates_per_epoch=self.updates_per_epoch, mambazoo=__version__, torch=torch.__version__,
-                      recipe_notes=list(RECIPES[self.args.recipe].notes) if self.args.recipe else [])
+                      updates_per_epoch=self.updates_per_epoch, max_updates=self.max_updates,
+                      mambazoo=__version__, torch=torch.__version__,
+                      recipe_notes=list(self.task_cls.recipes[self.args.recipe].notes) if self.args.recipe else [])
         if self.dist.is_primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.args.resume:  # a resumed run keeps its original record
@@ -255,6 +258,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.dist.enabled)
+        self._sync_norm_statistics()
         weights = self._gather_weights(self.module)
         ema_weights = self._gather_weights(self.ema.module) if self.ema is not None else None
         optimizer = get_optimizer_state_dict(self.module, self.optimizer, options=options)
@@ -266,6 +270,17 @@ class Trainer:
                          scaler=self.scaler.state_dict() if self.scaler is not None else None)
             self.checkpoints.save(name, weights, ema_weights, state, epoch, self.global_step, metric)
         self.dist.barrier()
+
+    def _sync_norm_statistics(self) -> None:
+        """Under FSDP2, average the BatchNorm running statistics of the model and its EMA over the ranks (timm's
+        ``distribute_bn``) so that evaluation and checkpoints see one model; DDP broadcasts rank 0's buffers at every
+        forward pass itself."""
+        if self.args.fsdp and self.dist.enabled:
+            from timm.utils import distribute_bn
+
+            for module in (self.module, self.ema.module if self.ema is not None else None):
+                if module is not None:
+                    distribute_bn(module, self.dist.world_size, reduce=True)
 
     def _load_state(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -343,12 +358,15 @@ class Trainer:
                 self._optimizer_step()
                 if self.global_step % args.log_interval == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self._lr():.3g}")
+                finished = self.max_updates is not None and self.global_step >= self.max_updates
                 if args.recovery_interval and self.global_step % args.recovery_interval == 0 \
-                        and self.batch < self.batches_per_epoch:
+                        and self.batch < self.batches_per_epoch and not finished:
                     self._accumulate(loss_sum, samples, start)
                     loss_sum.zero_()
                     samples, start = 0, time.perf_counter()
                     self._save(f"step{self.global_step:08d}", self.epoch)
+                if finished:  # --iterations reached inside the last epoch
+                    break
         bar.close()
         self._accumulate(loss_sum, samples, start)
 
@@ -397,6 +415,7 @@ class Trainer:
     def _finish_epoch(self) -> dict[str, Any]:
         partial = self.partial
         row = dict(epoch=self.epoch, train_loss=partial["loss_sum"] / max(partial["samples"], 1))
+        self._sync_norm_statistics()
         row.update({f"eval_{k}": v for k, v in self.evaluate(self.eval_model).items()})
         if self.ema is not None:
             row.update({f"ema_eval_{k}": v for k, v in self.evaluate(self.ema.module).items()})
@@ -414,11 +433,59 @@ class Trainer:
         return row
 
 
+def create_schedule(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                    updates_per_epoch: int) -> tuple[Any, int, Optional[int]]:
+    """timm's learning-rate scheduler for the flags (``create_scheduler_v2``).
+
+    With ``--iterations`` or ``--warmup-steps`` every length is counted in optimiser updates (timm's factory counts
+    whole epochs): the schedule spans ``--iterations`` updates (or ``--epochs`` × ``updates_per_epoch``) and warms up
+    over ``--warmup-steps`` (or ``--warmup-epochs`` × ``updates_per_epoch``).
+
+    Returns:
+        The scheduler, the number of epochs to run, and the number of updates after which training stops (None:
+        at the end of the last epoch).
+    """
+    from timm.scheduler import create_scheduler_v2
+
+    lengths = dict(num_epochs=args.epochs, warmup_epochs=args.warmup_epochs, decay_epochs=args.decay_epochs,
+                   decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs)
+    in_updates = bool(args.iterations or args.warmup_steps)
+    if in_updates:
+        lengths = {name: [value * updates_per_epoch for value in length] if isinstance(length, list)
+                   else length * updates_per_epoch for name, length in lengths.items()}
+        lengths["num_epochs"] = args.iterations or lengths["num_epochs"]
+        lengths["warmup_epochs"] = args.warmup_steps or lengths["warmup_epochs"]
+    scheduler, length = create_scheduler_v2(
+        optimizer, sched=args.sched, **lengths, decay_rate=args.decay_rate, min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, warmup_prefix=args.warmup_prefix, step_on_epochs=not args.sched_on_updates,
+        updates_per_epoch=1 if in_updates else updates_per_epoch)
+    if not in_updates:
+        return scheduler, length, None
+    return scheduler, math.ceil(length / updates_per_epoch), length
+
+
+def enable_grad_checkpointing(module: nn.Module) -> None:
+    """Turn on gradient checkpointing in ``module`` or, for wrappers without the switch (e.g. torchvision's
+    detectors), in every submodule that has one (timm's ``set_grad_checkpointing``)."""
+    switches = [module] if hasattr(module, "set_grad_checkpointing") else \
+        [m for m in module.modules() if hasattr(m, "set_grad_checkpointing")]
+    if not switches:
+        raise ValueError(f"--grad-checkpointing: {type(module).__name__} has no set_grad_checkpointing()")
+    for switch in switches:
+        switch.set_grad_checkpointing(True)
+
+
 def check_run_args(args: argparse.Namespace, dist: Distributed) -> None:
     """Reject flag values the engine cannot run with, before any work starts."""
     world = dist.world_size
     if not args.model:
         raise ValueError("--model is required")
+    for name in ("iterations", "warmup_steps"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "iterations" else 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value and not args.sched_on_updates:
+            raise ValueError(f"--{name.replace('_', '-')} counts optimiser updates: add --sched-on-updates")
     for name in ("batch_size", "grad_accum_steps", "epochs", "log_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -442,8 +509,11 @@ def _comparable(value: Any) -> Any:
 
 
 def _epoch_line(row: dict[str, Any], num_epochs: int) -> str:
+    """The printed epoch summary: every float of the row except per-class values (``eval_IoU.<class>``), which
+    ``summary.csv`` keeps."""
     parts = [f"epoch {row['epoch']}/{num_epochs}"]
-    parts += [f"{key} {value:.4g}" for key, value in row.items() if key != "epoch" and isinstance(value, float)]
+    parts += [f"{key} {value:.4g}" for key, value in row.items()
+              if key != "epoch" and isinstance(value, float) and "." not in key]
     return " | ".join(parts)
 
 

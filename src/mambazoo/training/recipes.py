@@ -25,6 +25,7 @@ class Recipe:
         variants: ``(model-name pattern, settings)`` pairs applied on top for matching models, in order.
         lr_ratios: Flags set relative to the resolved learning rate (e.g. ``min_lr`` = 0.01 × lr), unless explicit.
         notes: Parts of the recipe this engine does not reproduce, or assumptions.
+        models: Model-name patterns the recipe is made for (empty: any model).
     """
 
     family: str
@@ -33,6 +34,14 @@ class Recipe:
     variants: tuple[tuple[str, dict[str, Any]], ...] = ()
     lr_ratios: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+
+    def check_model(self, model: str) -> None:
+        """Raise a ValueError unless the recipe is made for ``model`` (tags such as ``.in1k`` ignored)."""
+        base = model.split(".")[0]
+        if self.models and not any(fnmatch.fnmatchcase(base, pattern) for pattern in self.models):
+            raise ValueError(f"--recipe {self.family} is made for models matching {' '.join(self.models)}, "
+                             f"not {model!r}")
 
     def resolve(self, model: str) -> dict[str, Any]:
         """The flag values for ``model`` (family settings, then the matching variant settings)."""

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import atomic_write, write_text
+from ..checkpoint import atomic_write, write_text
 
 __all__ = ["plot_summary", "write_config", "write_summary"]
 
@@ -46,6 +46,8 @@ def plot_summary(run_dir: Path, rows: list[dict[str, Any]], metric: str) -> Path
         axis.grid(True, alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    path = atomic_write(Path(run_dir) / "summary.png", lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    path = Path(run_dir) / "summary.png"
+    with atomic_write(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     plt.close(figure)
     return path

@@ -7,9 +7,10 @@ See ``docs/training.md`` ("The task interface") for a walk-through.
 """
 import abc
 import argparse
+import importlib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +18,14 @@ from torch.utils.data import DataLoader
 
 from .data import DatasetSplits
 from .distributed import Distributed
+from .recipes import Recipe
 
-__all__ = ["TASKS", "Task", "TaskContext", "get_task", "register_task"]
+__all__ = ["BUILTIN_TASKS", "TASKS", "Task", "TaskContext", "get_task", "register_task"]
+
+# The package's own tasks and the modules that register them, imported on first use (detection and segmentation
+# need torchvision and pycocotools, which classification does not).
+BUILTIN_TASKS = {"classification": "mambazoo.training.classification", "detection": "mambazoo.dense.tasks",
+                 "segmentation": "mambazoo.dense.tasks"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ class Task(abc.ABC):
         higher_is_better: Ranking direction of ``metric``.
         defaults: The task's default recipe: values replacing the engine's flag defaults (a ``--recipe`` and
             explicit flags still override them).
+        recipes: The ``--recipe`` presets of the task, by name.
+        lr_ratios: Flags set relative to the resolved learning rate unless given (e.g. ``warmup_lr`` = 0.001 × lr);
+            a recipe's ratios take precedence.
 
     Call order in the engine: :meth:`add_arguments` (while building the parser), then per run ``__init__`` →
     :meth:`build_datasets` → :meth:`build_model` → :meth:`attach_transforms`, then :meth:`training_step` for every
@@ -55,6 +65,8 @@ class Task(abc.ABC):
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {}
+    recipes: ClassVar[Mapping[str, Recipe]] = {}
+    lr_ratios: ClassVar[Mapping[str, float]] = {}
 
     def __init__(self, args: argparse.Namespace, context: TaskContext) -> None:
         self.args = args
@@ -67,6 +79,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def build_datasets(self) -> DatasetSplits:
         """Training and validation datasets (map-style, without transforms yet); validate data-related flags."""
+
+    def build_validation_data(self) -> DatasetSplits:
+        """The data ``mambazoo validate`` evaluates on (its ``val``); default :meth:`build_datasets`. Override it
+        when the training split is not needed for evaluation."""
+        return self.build_datasets()
 
     @abc.abstractmethod
     def build_model(self, datasets: DatasetSplits) -> nn.Module:
@@ -94,8 +111,9 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Metrics of ``model`` over ``loader`` (this rank's share), reduced across ranks; must contain ``loss`` and
-        :attr:`metric`. Runs with the model in eval mode under ``torch.inference_mode()``."""
+        """Metrics of ``model`` over ``loader`` (this rank's share), reduced across ranks; must contain :attr:`metric`
+        and, where the task has one, ``loss`` (plotted with the training loss). Every rank gets the same values. Runs
+        with the model in eval mode under ``torch.inference_mode()``."""
 
 
 TASKS: dict[str, type[Task]] = {}
@@ -110,9 +128,10 @@ def register_task(task: type[Task]) -> type[Task]:
 
 
 def get_task(name: str) -> type[Task]:
-    """The task class registered as ``name``."""
-    from . import classification  # noqa: F401  (registers the built-in task)
-
+    """The task class registered as ``name`` (a built-in task's module is imported on first use)."""
+    if name not in TASKS and name in BUILTIN_TASKS:
+        importlib.import_module(BUILTIN_TASKS[name])
     if name not in TASKS:
-        raise ValueError(f"unknown --task {name!r}; registered tasks: {', '.join(sorted(TASKS))}")
+        known = ", ".join(sorted(set(TASKS) | set(BUILTIN_TASKS)))
+        raise ValueError(f"unknown --task {name!r}; registered tasks: {known}")
     return TASKS[name]
