@@ -1,8 +1,9 @@
 """The native CPU kernels in one interleaved run: scan GFLOP/s per ISA against GEMM, the conv against a copy of the same
 bytes, and Vim-Ti against DeiT-Ti (SDPA) images/s.
 
-Everything runs in one process, in interleaved rounds after one warm-up call each; tables give medians over rounds,
-and every ratio is the median of per-round ratios, so drift in machine load cancels (the method of docs/benchmarks.md).
+Everything runs in one process, in interleaved rounds after one warm-up call each (a sample repeats a call for at least
+20 ms); tables give medians over rounds, and every ratio is the median of per-round ratios, so drift in machine load
+cancels (the method of docs/benchmarks.md).
 
 * Scan (Vim-Ti shapes: D = 384, N = 16, D skip, delta_bias + softplus, z gate, fp32): forward under
   ``inference_mode`` and forward + backward (autograd, loss = sum(y * g)), for every ISA variant this CPU runs
@@ -20,6 +21,7 @@ Usage: ``python benchmarks/native_cpu.py [--quick] [--rounds 5] [--threads 2] [-
 [--output benchmarks/results/native_cpu.md]``
 """
 import argparse
+import math
 import shlex
 import statistics
 import sys
@@ -40,6 +42,7 @@ MODEL_SIZES, QUICK_MODEL_SIZES = (224, 1248), (224,)
 KERNEL_SIZE = 4
 
 
+MIN_SAMPLE_SECONDS = 0.02  # each timed sample repeats a call for at least this long
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: the calling thread's CPU time (1 thread only)
 clock = CLOCKS["wall"]
 
@@ -53,13 +56,17 @@ def seconds(function: Callable[[], object], repeats: int = 1) -> float:
 
 
 def interleave(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of every callable, over rounds that each call every callable once (after one warm-up)."""
-    for call in calls.values():
-        call()
+    """Seconds per call of every callable over ``rounds`` interleaved rounds.
+
+    A warm-up call of each sets how often a sample repeats it (at least :data:`MIN_SAMPLE_SECONDS`), so that a
+    sub-millisecond kernel is not timed on the cold caches and sleeping threads that the previous callable (e.g. the
+    2048³ GEMM) leaves behind.
+    """
+    repeats = {name: max(1, math.ceil(MIN_SAMPLE_SECONDS / seconds(call))) for name, call in calls.items()}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            times[name].append(seconds(call))
+            times[name].append(seconds(call, repeats[name]))
     return times
 
 
