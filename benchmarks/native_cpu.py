@@ -1,9 +1,9 @@
 """The native CPU kernels in one interleaved run: scan GFLOP/s per ISA against GEMM, the conv against a copy of the same
 bytes, and Vim-Ti against DeiT-Ti (SDPA) images/s.
 
-Everything runs in one process, in interleaved rounds after one warm-up call each (a sample repeats a call for at least
-20 ms); tables give medians over rounds, and every ratio is the median of per-round ratios, so drift in machine load
-cancels (the method of docs/benchmarks.md).
+Everything runs in one process, in interleaved rounds after one warm-up call each (a scan sample repeats its call for
+at least 20 ms); tables give medians over rounds, and every ratio is the median of per-round ratios, so drift in
+machine load cancels (the method of docs/benchmarks.md).
 
 * Scan (Vim-Ti shapes: D = 384, N = 16, D skip, delta_bias + softplus, z gate, fp32): forward under
   ``inference_mode`` and forward + backward (autograd, loss = sum(y * g)), for every ISA variant this CPU runs
@@ -42,7 +42,7 @@ MODEL_SIZES, QUICK_MODEL_SIZES = (224, 1248), (224,)
 KERNEL_SIZE = 4
 
 
-MIN_SAMPLE_SECONDS = 0.02  # each timed sample repeats a call for at least this long
+SCAN_SAMPLE_SECONDS = 0.02  # a scan-table sample repeats its call for at least this long
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: the calling thread's CPU time (1 thread only)
 clock = CLOCKS["wall"]
 
@@ -55,14 +55,15 @@ def seconds(function: Callable[[], object], repeats: int = 1) -> float:
     return (clock() - start) / repeats
 
 
-def interleave(calls: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+def interleave(calls: dict[str, Callable[[], None]], rounds: int, min_sample: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of every callable over ``rounds`` interleaved rounds.
 
-    A warm-up call of each sets how often a sample repeats it (at least :data:`MIN_SAMPLE_SECONDS`), so that a
-    sub-millisecond kernel is not timed on the cold caches and sleeping threads that the previous callable (e.g. the
-    2048³ GEMM) leaves behind.
+    A warm-up call of each sets how often a sample repeats it: enough to last ``min_sample`` seconds (the scan
+    table: a sub-millisecond kernel is then not timed on the cold caches and sleeping threads that the previous
+    callable, e.g. the 2048³ GEMM, leaves behind), or once (the conv table: conv and copy both read their tensors
+    from beyond the caches the other calls evicted, which is the bandwidth comparison it makes).
     """
-    repeats = {name: max(1, math.ceil(MIN_SAMPLE_SECONDS / seconds(call))) for name, call in calls.items()}
+    repeats = {name: max(1, math.ceil(min_sample / seconds(call))) for name, call in calls.items()}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
@@ -105,7 +106,7 @@ def scan_tables(shapes: dict, rounds: int) -> list[str]:
             call = scan_call(batch, length, backward=kind != "forward")
             for isa in native.RUNNABLE_ISAS:
                 calls[f"{kind}|{batch}|{length}|{isa}"] = in_isa(isa, call)
-    times = interleave(calls, rounds)
+    times = interleave(calls, rounds, SCAN_SAMPLE_SECONDS)
     mm_gflops = [2 * MATMUL_SIZE ** 3 / t / 1e9 for t in times.pop("mm")]
     lines = [f"fp32 `torch.mm` {MATMUL_SIZE}³ in the same rounds: {statistics.median(mm_gflops):.0f} GFLOP/s "
              f"[{min(mm_gflops):.0f}–{max(mm_gflops):.0f}].", "",
