@@ -5,14 +5,17 @@ B in {1, 8}, L in {197, 1025, 6085} (224, 512 and 1248 px). Forward under ``no_g
 loss = sum(y * g) for a fixed random g), fp32.
 
 Method (docs/benchmarks.md): every backend runs in one process, interleaved round-robin (each round calls every backend
-once, plus one fp32 2048^3 ``torch.mm`` in forward rounds), after one warm-up call each; the table gives the median ms
-[min-max] over rounds, the speedup over the reference as the median of per-round ratios, and GFLOP/s with the
-9·B·L·D·N convention (docs/scan.md) next to the same rounds' matmul GFLOP/s. Cells that cannot finish in reasonable
-time or memory are skipped with the reason; a backend whose warm-up call exceeds 10 s is timed in one round only.
+once, plus one fp32 2048^3 ``torch.mm`` in forward rounds), after one warm-up call each; a sample repeats a call that
+takes less than 20 ms until it lasts 20 ms, so that a short call is not timed on the caches and sleeping threads the
+previous call left; the table gives the median ms [min-max] over rounds, the speedup over the reference as the median
+of per-round ratios, and GFLOP/s with the 9·B·L·D·N convention (docs/scan.md) next to the same rounds' matmul GFLOP/s.
+Cells that cannot finish in reasonable time or memory are skipped with the reason; a backend whose warm-up call exceeds
+10 s is timed in one round only.
 
 Usage: ``python benchmarks/scan.py [--quick] [--rounds 5] [--threads 2] [--output benchmarks/results/scan_cpu.md]``
 """
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -34,6 +37,7 @@ BACKENDS = ("reference", "torch", "native")
 MATMUL_SIZE = 2048
 MAX_AUTOGRAD_STATE_BYTES = 512 * 2**20
 SLOW_CALL_SECONDS = 10.0  # a backend whose warm-up call takes longer is timed in the first round only
+MIN_SAMPLE_SECONDS = 0.02  # a sample repeats a fast call for at least this long (cold caches, sleeping threads)
 
 
 def make_inputs(batch: int, length: int, requires_grad: bool, seed: int = 0) -> dict:
@@ -76,10 +80,12 @@ def scan_call(backend: str, inputs: dict, backward: bool) -> Callable[[], None]:
     return forward_backward if backward else forward
 
 
-def seconds(function: Callable[[], None]) -> float:
+def seconds(function: Callable[[], None], repeats: int = 1) -> float:
+    """Seconds per call of ``function``, averaged over ``repeats`` calls."""
     start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) / repeats
 
 
 def run_row(batch: int, length: int, backward: bool, rounds: int) -> tuple[dict, dict, list[float]]:
@@ -89,7 +95,9 @@ def run_row(batch: int, length: int, backward: bool, rounds: int) -> tuple[dict,
     calls = {b: scan_call(b, inputs, backward) for b in BACKENDS if b not in skipped}
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
     matmul = (lambda: torch.mm(a, a)) if not backward else None
-    slow = {backend for backend, call in calls.items() if seconds(call) > SLOW_CALL_SECONDS}  # warm-up
+    warm_up = {backend: seconds(call) for backend, call in calls.items()}
+    slow = {backend for backend, elapsed in warm_up.items() if elapsed > SLOW_CALL_SECONDS}
+    repeats = {backend: max(1, math.ceil(MIN_SAMPLE_SECONDS / elapsed)) for backend, elapsed in warm_up.items()}
     if matmul:
         matmul()
     times: dict[str, list[float]] = {b: [] for b in calls}
@@ -97,7 +105,7 @@ def run_row(batch: int, length: int, backward: bool, rounds: int) -> tuple[dict,
     for round_index in range(rounds):
         for backend, call in calls.items():
             if round_index == 0 or backend not in slow:
-                times[backend].append(seconds(call))
+                times[backend].append(seconds(call, repeats[backend]))
         if matmul:
             matmul_gflops.append(2 * MATMUL_SIZE**3 / seconds(matmul) / 1e9)
     return times, skipped, matmul_gflops
