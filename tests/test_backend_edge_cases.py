@@ -16,6 +16,7 @@ only: the Triton backward regroups sums (docs/triton.md), and with C = +-inf or 
 are NaN where the reference has +-inf or the other way round (tests/test_triton.py checks the gradients of the inputs
 it lists).
 """
+import dataclasses
 import functools
 import os
 import subprocess
@@ -211,12 +212,20 @@ def test_scan_custom_op_passes_opcheck_for_every_kernel(kernel):
         torch.library.opcheck(SCAN_OP.default, (*leaves.tensors(), True, reverse, kernel), test_utils=CHECKS)
     if kernel == "torch":
         return  # its backward runs in the op's autograd formula, not as the backward op
-    _, _, chunk_states = SCAN_OP(*inputs.tensors(), True, True, kernel)
+    # B and C as views with length-minor strides (as a model's split/transposed projections can be): the backward
+    # op returns contiguous gradients, and its fake must say so (torch.compile's inductor asserts the strides).
+    strided = dataclasses.replace(inputs, B=_length_minor(inputs.B), C=_length_minor(inputs.C))
+    _, _, chunk_states = SCAN_OP(*strided.tensors(), True, True, kernel)
     generator = torch.Generator().manual_seed(0)
     grad_y = torch.randn(shape[:3], generator=generator)
     grad_state = torch.randn((shape[0], *shape[2:]), generator=generator)
     torch.library.opcheck(torch.ops.mambazoo.selective_scan_fused_bwd.default,
-                          (grad_y, grad_state, *inputs.tensors(), chunk_states, True, True, kernel), test_utils=CHECKS)
+                          (grad_y, grad_state, *strided.tensors(), chunk_states, True, True, kernel), test_utils=CHECKS)
+
+
+def _length_minor(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values in a (batch, length, d_state) view whose length dimension has stride 1."""
+    return tensor.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @pytest.mark.skipif(not native.AVAILABLE, reason=f"native kernels unavailable: {native.UNAVAILABLE_REASON}")

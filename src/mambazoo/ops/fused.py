@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import capabilities
 
-__all__ = ["A_SIGN_ERROR", "FusedKernel", "KernelRegistry", "check_A_sign", "eager_call_is_plain", "register_kernel",
+__all__ = ["A_SIGN_ERROR", "FusedKernel", "KernelRegistry", "check_A_sign", "contiguous_gradient", "eager_call_is_plain", "register_kernel",
            "registered_kernels", "selective_scan_fused", "states_dtype"]
 
 A_SIGN_ERROR = "A has positive entries; the scan needs A <= 0 (models pass A = -exp(A_log))"
@@ -182,17 +182,23 @@ def _selective_scan_fused_bwd_op(
         reverse: bool,
         kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_kernel(kernel).backward(
+    return tuple(grad.contiguous() for grad in _kernel(kernel).backward(
         grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, chunk_states, delta_softplus, reverse))
+
+
+def contiguous_gradient(reference: Tensor, tensor: Optional[Tensor]) -> Tensor:
+    """A fake gradient: contiguous, shaped and typed like ``tensor`` (an empty tensor for an absent input).
+
+    The backward ops return contiguous gradients whatever the inputs' strides (a transposed view's gradient too), and
+    their fakes must say so: ``torch.compile`` checks the real outputs' strides against them.
+    """
+    return reference.new_empty((0,)) if tensor is None else tensor.new_empty(tensor.shape)
 
 
 @_selective_scan_fused_bwd_op.register_fake
 def _selective_scan_fused_bwd_fake(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, chunk_states,
                                    delta_softplus, reverse, kernel):
-    def like(t: Optional[Tensor]) -> Tensor:
-        return u.new_empty((0,)) if t is None else torch.empty_like(t)
-
-    return tuple(like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+    return tuple(contiguous_gradient(u, t) for t in (u, delta, A, B, C, D, z, delta_bias))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .fused import KernelRegistry, eager_call_is_plain, states_dtype
+from .fused import KernelRegistry, contiguous_gradient, eager_call_is_plain, states_dtype
 
 __all__ = ["StateKernel", "register_state_kernel", "registered_state_kernels", "state_scan_fused"]
 
@@ -75,13 +75,13 @@ def _state_scan_bwd_op(
         reverse: bool,
         kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_kernel(kernel).backward(grad_states, states, u, delta, A, B, delta_bias, delta_softplus, reverse))
+    return tuple(grad.contiguous() for grad in _kernel(kernel).backward(
+        grad_states, states, u, delta, A, B, delta_bias, delta_softplus, reverse))
 
 
 @_state_scan_bwd_op.register_fake
 def _state_scan_bwd_fake(grad_states, states, u, delta, A, B, delta_bias, delta_softplus, reverse, kernel):
-    bias_grad = u.new_empty((0,)) if delta_bias is None else torch.empty_like(delta_bias)
-    return torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B), bias_grad
+    return tuple(contiguous_gradient(u, t) for t in (u, delta, A, B, delta_bias))
 
 
 def _setup_context(ctx, inputs, output) -> None:
