@@ -8,7 +8,7 @@ machine load cancels (the method of docs/benchmarks.md).
 * Scan (Vim-Ti shapes: D = 384, N = 16, D skip, delta_bias + softplus, z gate, fp32): forward under
   ``inference_mode`` and forward + backward (autograd, loss = sum(y * g)), for every ISA variant this CPU runs
   (``mambazoo.ops.native.use_isa``), next to an fp32 ``torch.mm`` of size 2048 timed in every round. GFLOP/s counts
-  9·B·L·D·N per call (docs/scan.md, FLOP convention) for the forward and for forward + backward alike.
+  9·B·L·D·N per call (docs/scan_operation.md, FLOP convention) for the forward and for forward + backward alike.
 * Conv (Vim-Ti: D = 384, K = 4, bias, SiLU) through ``causal_conv1d`` per ISA, against ``copy_`` of the same tensor
   into a preallocated one (the bytes a conv must read and write: its bandwidth bound) in the same rounds.
 * Vim-Ti vs DeiT-Ti (SDPA attention), batch 1, fp32, ``inference_mode``, at 224 and 1248 px: the best ISA.

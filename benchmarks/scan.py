@@ -8,9 +8,9 @@ Method (docs/benchmarks.md): every backend runs in one process, interleaved roun
 once, plus one fp32 2048^3 ``torch.mm`` in forward rounds), after one warm-up call each; a sample repeats a call that
 takes less than 20 ms until it lasts 20 ms, so that a short call is not timed on the caches and sleeping threads the
 previous call left; the table gives the median ms [min-max] over rounds, the speedup over the reference as the median
-of per-round ratios, and GFLOP/s with the 9·B·L·D·N convention (docs/scan.md) next to the same rounds' matmul GFLOP/s.
-Cells that cannot finish in reasonable time or memory are skipped with the reason; a backend whose warm-up call exceeds
-10 s is timed in one round only.
+of per-round ratios, and GFLOP/s with the 9·B·L·D·N convention (docs/scan_operation.md) next to the same rounds' matmul
+GFLOP/s. Cells that cannot finish in reasonable time or memory are skipped with the reason; a backend whose warm-up
+call exceeds 10 s is timed in one round only.
 
 Usage: ``python benchmarks/scan.py [--quick] [--rounds 5] [--threads 2] [--output benchmarks/results/scan_cpu.md]``
 """
@@ -41,7 +41,7 @@ MIN_SAMPLE_SECONDS = 0.02  # a sample repeats a fast call for at least this long
 
 
 def make_inputs(batch: int, length: int, requires_grad: bool, seed: int = 0) -> dict:
-    """Vim-Ti-like scan inputs (Mamba-init-like distribution, docs/scan.md)."""
+    """Vim-Ti-like scan inputs (Mamba-init-like distribution, docs/scan_operation.md)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Input generators for selective-scan tests, (Mamba-init-like and 'stress' distributions, docs/scan.md)."""
+"""Input generators for selective-scan tests, (Mamba-init-like and 'stress' distributions, docs/scan_operation.md)."""
 import math
 from dataclasses import dataclass
 from typing import Optional

@@ -27,7 +27,8 @@ STATE_SCAN_NAMES = ("u", "delta", "A", "B", "delta_bias")
 
 
 def make_inputs(batch: int, length: int, dim: int, d_state: int, stress: bool = False, seed: int = 0) -> dict:
-    """Mamba-init-like float64 inputs (docs/scan.md); ``stress``: ~30x larger steps, A x2 (|ΔA| per step up to ~150)."""
+    """Mamba-init-like float64 inputs (docs/scan_operation.md); ``stress``: ~30x larger steps, A x2 (|ΔA| per step up
+    to ~150)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -101,7 +102,7 @@ def test_scan_long_sequence_crosses_chunks(dim, d_state, reverse):
 def test_scan_stress_steps_stay_finite_and_accurate(reverse):
     inputs = make_inputs(2, 197, 20, 16, stress=True)
     delta_steps = F.softplus(inputs["delta"] + inputs["delta_bias"])[..., None] * inputs["A"]
-    assert delta_steps.abs().max() > 100  # the stress regime of docs/scan.md (|ΔA| per step up to ~150)
+    assert delta_steps.abs().max() > 100  # the stress regime of docs/scan_operation.md (|ΔA| per step up to ~150)
     assert_matches_reference(inputs, reverse=reverse)
 
 

@@ -3,13 +3,13 @@
 Built on :class:`torch.utils.flop_counter.FlopCounterMode`, which counts matmuls, convolutions and attention
 (``scaled_dot_product_attention``) at 2 FLOPs per multiply-accumulate and ignores elementwise ops. While counting,
 every selective scan is routed through the custom op ``mambazoo::selective_scan_fused`` (see
-:func:`mambazoo.ops.selective_scan.route_through_custom_op`), which is mapped to 9·B·L·D·N MACs (``docs/scan.md``, the
-convention of state-spaces/mamba#110 that reproduces PlainMamba's published 3.0/8.1/14.4 G), whatever backend would
-have run it. The all-states scan (:func:`mambazoo.ops.state_scan`, Spatial-Mamba) is routed the same way through
-``mambazoo::state_scan_fused`` and charged 9·B·L·D·N with N = 1 (``docs/spatialmamba.md`` relates this to the paper's
-fvcore count). The native depthwise causal conv1d custom op is mapped to B·L·D·K MACs, like the convolution it
-replaces. The counter divides FLOPs by 2 to report MACs; timm's benchmark (fvcore) reports the same quantity as
-"GMACs".
+:func:`mambazoo.ops.selective_scan.route_through_custom_op`), which is mapped to 9·B·L·D·N MACs
+(``docs/scan_operation.md``, the convention of state-spaces/mamba#110 that reproduces PlainMamba's published
+3.0/8.1/14.4 G), whatever backend would have run it. The all-states scan (:func:`mambazoo.ops.state_scan`,
+Spatial-Mamba) is routed the same way through ``mambazoo::state_scan_fused`` and charged 9·B·L·D·N with N = 1
+(``docs/spatialmamba.md`` relates this to the paper's fvcore count). The native depthwise causal conv1d custom op is
+mapped to B·L·D·K MACs, like the convolution it replaces. The counter divides FLOPs by 2 to report MACs; timm's
+benchmark (fvcore) reports the same quantity as "GMACs".
 
 Papers differ in what they count: besides the total, a count reports the MACs of the scans and of the attention
 matmuls inside ``F.scaled_dot_product_attention`` (B·H·Lq·Lk·(E + Ev), the softmax not counted), so that conventions
@@ -39,7 +39,7 @@ _STATE_SCAN_OP = torch.ops.mambazoo.state_scan_fused
 
 
 def scan_macs(batch: int, length: int, dim: int, d_state: int) -> int:
-    """MACs charged for one selective-scan call: 9·B·L·D·N (``docs/scan.md``)."""
+    """MACs charged for one selective-scan call: 9·B·L·D·N (``docs/scan_operation.md``)."""
     return SCAN_MACS_PER_ELEMENT * batch * length * dim * d_state
 
 

@@ -142,7 +142,8 @@ def _info(name: str, family: str, facts: tuple[str, str, str], top1: float, para
 
 
 # Exact parameter counts include the 1000-class head. Reported GMACs are the papers' "FLOPs"/"MACs" at ``img_size``
-# (224 px unless stated); Vim's paper reports none, its figures follow the convention of docs/scan.md (docs/vim.md).
+# (224 px unless stated); Vim's paper reports none, its figures follow the convention of docs/scan_operation.md
+# (docs/vim.md).
 # MambaVision's count neither the scan nor the attention matmuls (docs/mambavision.md).
 MODEL_INFO: dict[str, ModelInfo] = {info.name: info for info in (
     _info("mambaout_femto", "mambaout", _MAMBAOUT, 78.9, 7_304_536, 1.2, "docs/mambaout.md"),

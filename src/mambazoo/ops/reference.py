@@ -49,7 +49,7 @@ def selective_scan_reference(
     batch, length, dim = u.shape
     state = u.new_zeros(batch, dim, A.shape[1])
     # Per-step views via unbind: indexing x[:, t] under autograd would make the backward O(L^2)
-    # (docs/scan.md, autograd pitfall).
+    # (docs/scan_operation.md, autograd pitfall).
     delta_t, u_t, B_t, C_t = (t.unbind(1) for t in (delta, u, B, C))
     outputs = [None] * length
     for t in (range(length - 1, -1, -1) if reverse else range(length)):

@@ -6,8 +6,8 @@ for all chunks at once, and keeps only the chunk ends; these form a shorter recu
 product of the chunk's decays), solved recursively, which gives the state entering every chunk; a second pass re-runs
 the chunks from their entering states and writes every state. Every factor is an exponential of a non-positive
 number, so nothing can overflow whatever the step size (unlike the factored closed form
-exp(cumsum) * cumsum(exp(-cumsum)), see ``docs/scan.md``). The Python loop runs ``chunk_size`` steps per recursion
-level instead of one per time step.
+exp(cumsum) * cumsum(exp(-cumsum)), see ``docs/scan_operation.md``). The Python loop runs ``chunk_size`` steps per
+recursion level instead of one per time step.
 
 The backward is the adjoint recurrence g_t = grad_t + a_{t+1} g_{t+1}, i.e. the same scan run in reverse, so autograd
 never records per-step operations and the backward costs about one more scan.
