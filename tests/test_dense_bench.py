@@ -36,5 +36,7 @@ def test_dense_training_benchmark_compares_the_engine_with_the_raw_step(tmp_path
     assert [(r["task"], r["model"], r["img_size"]) for r in rows] == [("segmentation", "test_mambaout", 32)]
     row = rows[0]
     assert row["raw_train_samples_per_sec"] > 0 and row["engine_train_samples_per_sec"] > 0
-    assert row["engine_vs_raw"] == round(row["engine_train_samples_per_sec"] / row["raw_train_samples_per_sec"], 3)
+    # one round: the ratio of the two speeds, computed before each was rounded to 3 decimals (±0.0005)
+    engine, raw = row["engine_train_samples_per_sec"], row["raw_train_samples_per_sec"]
+    assert (engine - 5e-4) / (raw + 5e-4) - 5e-4 <= row["engine_vs_raw"] <= (engine + 5e-4) / (raw - 5e-4) + 5e-4
     assert json.loads((tmp_path / "dense_train_cpu.json").read_text())["results"] == rows
