@@ -1,5 +1,5 @@
 """The native CPU kernels in one interleaved run: scan GFLOP/s per ISA against GEMM, the conv against a copy of the same
-bytes, and Vim-Ti against DeiT-Ti (SDPA) images/s.
+bytes, the inference epilogues against their PyTorch composites, and Vim-Ti against DeiT-Ti (SDPA) images/s.
 
 Everything runs in one process, in interleaved rounds after one warm-up call each (a scan sample repeats its call for
 at least 20 ms); tables give medians over rounds, and every ratio is the median of per-round ratios, so drift in
@@ -11,6 +11,9 @@ machine load cancels (the method of docs/benchmarks.md).
   9·B·L·D·N per call (docs/scan_operation.md, FLOP convention) for the forward and for forward + backward alike.
 * Conv (Vim-Ti: D = 384, K = 4, bias, SiLU) through ``causal_conv1d`` per ISA, against ``copy_`` of the same tensor
   into a preallocated one (the bytes a conv must read and write: its bandwidth bound) in the same rounds.
+* Epilogues (Vim-Ti shapes at 224 and 1248 px): ``rms_norm`` of (1, L, 192) and ``gated_sum`` of three (1, L, 384)
+  tensors with scale 1/2, native (best ISA) against the PyTorch composite (``backend="torch"``), under
+  ``inference_mode``, each sample repeated for at least 20 ms.
 * Vim-Ti vs DeiT-Ti (SDPA attention), batch 1, fp32, ``inference_mode``, at 224 and 1248 px: the best ISA.
 
 The forward's physical limit (docs/native.md): per state update and LANES channels the AVX-512 loop runs 14 vector
@@ -31,14 +34,16 @@ from typing import Callable, Optional
 
 import torch
 
-from mambazoo.ops import causal_conv1d, native, selective_scan
+from mambazoo.ops import causal_conv1d, gated_sum, native, rms_norm, selective_scan
 from scan import DIM, D_STATE, MATMUL_SIZE, machine_description, make_inputs, write_atomically
 from vim_cpu import build
 
 SCAN_SHAPES = {"forward": [(1, 197), (1, 1025), (8, 1025), (1, 6085)], "forward+backward": [(1, 197), (1, 1025)]}
 QUICK_SCAN_SHAPES = {"forward": [(1, 197)], "forward+backward": [(1, 197)]}
 CONV_LENGTHS, QUICK_CONV_LENGTHS = (197, 6085), (197,)
+EPILOGUE_LENGTHS, QUICK_EPILOGUE_LENGTHS = (197, 6085), (197,)
 MODEL_SIZES, QUICK_MODEL_SIZES = (224, 1248), (224,)
+EMBED_DIM = DIM // 2  # Vim-Ti: the mixer's inner width is twice the model width
 KERNEL_SIZE = 4
 
 
@@ -154,6 +159,38 @@ def conv_table(lengths: tuple, rounds: int) -> list[str]:
     return lines
 
 
+def summary(values: list[float]) -> str:
+    """"median [min–max]" with one decimal."""
+    return f"{statistics.median(values):.1f} [{min(values):.1f}–{max(values):.1f}]"
+
+
+def epilogue_calls(length: int) -> dict[str, Callable[[], None]]:
+    """``rms_norm`` and ``gated_sum`` at Vim-Ti's widths on each backend, keyed "op|backend"."""
+    generator = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(1, length, EMBED_DIM, generator=generator), torch.randn(EMBED_DIM, generator=generator)
+    a, b, z = (torch.randn(1, length, DIM, generator=generator) for _ in range(3))
+    calls = {}
+    for backend in ("native", "torch"):
+        calls[f"rms_norm|{backend}"] = lambda backend=backend: rms_norm(x, weight, 1e-5, backend)
+        calls[f"gated_sum|{backend}"] = lambda backend=backend: gated_sum(a, b, z, 0.5, backend)
+    return calls
+
+
+def epilogue_table(lengths: tuple, rounds: int) -> list[str]:
+    calls = {f"{length}|{name}": call for length in lengths for name, call in epilogue_calls(length).items()}
+    with torch.inference_mode():
+        times = interleave(calls, rounds, SCAN_SAMPLE_SECONDS)
+    lines = ["| op | shape | native µs [min–max] | PyTorch composite µs [min–max] | composite / native |",
+             "|---|---|---|---|---|"]
+    for length in lengths:
+        for op, width in (("rms_norm", EMBED_DIM), ("gated_sum", DIM)):
+            native_us, torch_us = ([1e6 * t for t in times[f"{length}|{op}|{backend}"]]
+                                   for backend in ("native", "torch"))
+            lines.append(f"| `{op}` | 1×{length}×{width} | {summary(native_us)} | {summary(torch_us)} | "
+                         f"{ratio(torch_us, native_us):.2f} |")
+    return lines
+
+
 def model_table(sizes: tuple, rounds: int) -> list[str]:
     lines = ["| px | DeiT-Ti (SDPA) ms (img/s) | Vim-Ti ms (img/s) | Vim / DeiT img/s, median [min–max] |",
              "|---|---|---|---|"]
@@ -199,12 +236,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         ("Selective scan per ISA vs GEMM", scan_tables(QUICK_SCAN_SHAPES if args.quick else SCAN_SHAPES, args.rounds)),
         ("Causal conv1d vs a copy of the same bytes", conv_table(QUICK_CONV_LENGTHS if args.quick else CONV_LENGTHS,
                                                                   args.rounds)),
+        ("Inference epilogues vs their PyTorch composites", epilogue_table(
+            QUICK_EPILOGUE_LENGTHS if args.quick else EPILOGUE_LENGTHS, args.rounds)),
         ("Vim-Ti vs DeiT-Ti (SDPA), batch 1", model_table(QUICK_MODEL_SIZES if args.quick else MODEL_SIZES,
                                                           args.rounds)),
     ]
     command = shlex.join(["python", "benchmarks/native_cpu.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
-        "# Native CPU kernels: scan per ISA, conv vs copy, Vim-Ti vs DeiT-Ti", "",
+        "# Native CPU kernels: scan per ISA, conv vs copy, epilogues, Vim-Ti vs DeiT-Ti", "",
         *([f"**{args.label}**", ""] if args.label else []),
         f"Produced by `{command}`: one process, {args.rounds} interleaved rounds after one warm-up; medians, ratios "
         f"are medians of per-round ratios (method in the script's docstring); {args.clock} clock.", "",

@@ -1,6 +1,6 @@
-/* The argument structs of the native entry points (mz_scan_*, mz_state_scan_*, mz_conv_*), shared by the kernel
- * sources and tests/aarch64/check_portable.c; mambazoo/ops/native.py mirrors them with ctypes. Strides are in
- * elements; the last dimension of every tensor is contiguous.
+/* The argument structs of the native entry points (mz_scan_*, mz_state_scan_*, mz_conv_*, mz_rms_norm, mz_gated_sum),
+ * shared by the kernel sources and tests/aarch64/check_portable.c; mambazoo/ops/native.py mirrors them with ctypes.
+ * Strides are in elements; the last dimension of every tensor is contiguous.
  */
 #ifndef MAMBAZOO_API_H
 #define MAMBAZOO_API_H
@@ -57,5 +57,23 @@ typedef struct {
     const float *bias;
     int32_t silu, reverse, n_threads;
 } mz_conv_args;
+
+/* Inference epilogues (csrc/pointwise.c); every tensor contiguous. */
+typedef struct {
+    int64_t rows, dim;
+    const float *x;
+    const float *weight; /* (dim,) or NULL */
+    float eps;
+    int32_t n_threads;
+} mz_rms_norm_args;
+
+typedef struct {
+    int64_t numel;
+    const float *a;
+    const float *b; /* or NULL */
+    const float *z;
+    float scale;
+    int32_t n_threads;
+} mz_gated_sum_args;
 
 #endif

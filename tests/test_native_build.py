@@ -32,7 +32,8 @@ def test_native_backend_is_built_when_a_c_compiler_is_present():
 
 def test_portable_kernels_match_the_scalar_c_check(tmp_path):
     """``tests/aarch64/check_portable.c`` (run under QEMU by ``.ci/aarch64-check``) also runs here, on the host build's
-    portable variant: the scalar double-precision references of the scan, the all-states scan and the conv agree."""
+    portable variant: the scalar double-precision references of the scan, the all-states scan, the conv, the RMSNorm
+    and the gate agree."""
     compiler = shlex.split(build_compiler())[0]
     if shutil.which(compiler) is None or not native.AVAILABLE:
         pytest.skip("needs a C compiler and the native library")
@@ -42,4 +43,4 @@ def test_portable_kernels_match_the_scalar_c_check(tmp_path):
                     str(program), "-ldl", "-lm"], check=True, capture_output=True)
     result = subprocess.run([str(program), str(native.LIBRARY_PATH)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "all-states scan forward" in result.stdout
+    assert "all-states scan forward" in result.stdout and "gated sum" in result.stdout

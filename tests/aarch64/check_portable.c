@@ -1,6 +1,7 @@
 /* Runs the portable kernels of an aarch64 build of libmambazoo_native.so (under QEMU on x86 machines) against
- * scalar double-precision references of the scan, the all-states scan and the conv; exits non-zero when they
- * disagree. See .ci/aarch64-check and docs/native.md. Usage: check_portable path/to/libmambazoo_native.so */
+ * scalar double-precision references of the scan, the all-states scan, the conv, the RMSNorm and the gate; exits
+ * non-zero when they disagree. See .ci/aarch64-check and docs/native.md.
+ * Usage: check_portable path/to/libmambazoo_native.so */
 #include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
@@ -101,6 +102,43 @@ static double conv_error(int (*forward)(const mz_conv_args *, float *)) {
     return worst / largest;
 }
 
+/* Max |error| / max |reference| of the RMSNorm with a weight over BATCH * LENGTH rows of DIM floats. */
+static double rms_norm_error(int (*forward)(const mz_rms_norm_args *, float *)) {
+    int rows = BATCH * LENGTH;
+    float *x = random_floats(rows * DIM, 1, 0), *weight = random_floats(DIM, 1, 0);
+    float *y = malloc(sizeof(float) * rows * DIM);
+    mz_rms_norm_args a = {rows, DIM, x, weight, 1e-5f, 2};
+    if (forward(&a, y) != 0) return INFINITY;
+    double worst = 0, largest = 0;
+    for (int r = 0; r < rows; ++r) {
+        double squares = 0;
+        for (int d = 0; d < DIM; ++d) squares += (double)x[r * DIM + d] * x[r * DIM + d];
+        double scale = 1 / sqrt(squares / DIM + 1e-5);
+        for (int d = 0; d < DIM; ++d) {
+            double out = x[r * DIM + d] * scale * weight[d];
+            worst = fmax(worst, fabs(out - y[r * DIM + d]));
+            largest = fmax(largest, fabs(out));
+        }
+    }
+    return worst / largest;
+}
+
+/* Max |error| / max |reference| of ((a + b) * silu(z)) / 2 over BATCH * LENGTH * DIM floats. */
+static double gated_sum_error(int (*forward)(const mz_gated_sum_args *, float *)) {
+    int numel = BATCH * LENGTH * DIM;
+    float *a = random_floats(numel, 4, 0), *b = random_floats(numel, 4, 0), *z = random_floats(numel, 4, 0);
+    float *y = malloc(sizeof(float) * numel);
+    mz_gated_sum_args args = {numel, a, b, z, 0.5f, 2};
+    if (forward(&args, y) != 0) return INFINITY;
+    double worst = 0, largest = 0;
+    for (int i = 0; i < numel; ++i) {
+        double out = ((double)a[i] + b[i]) * z[i] / (1 + exp(-(double)z[i])) * 0.5;
+        worst = fmax(worst, fabs(out - y[i]));
+        largest = fmax(largest, fabs(out));
+    }
+    return worst / largest;
+}
+
 int main(int argc, char **argv) {
     void *library = argc > 1 ? dlopen(argv[1], RTLD_NOW) : NULL;
     if (!library) {
@@ -115,17 +153,26 @@ int main(int argc, char **argv) {
         (int (*)(const mz_state_scan_args *, float *))dlsym(library, "mz_state_scan_forward_portable");
     int (*conv)(const mz_conv_args *, float *) = (int (*)(const mz_conv_args *, float *))dlsym(library,
                                                                                            "mz_conv_forward_portable");
-    if (!build || !isas || !scan || !states || !conv) {
+    int (*rms)(const mz_rms_norm_args *, float *) =
+        (int (*)(const mz_rms_norm_args *, float *))dlsym(library, "mz_rms_norm_portable");
+    int (*gate)(const mz_gated_sum_args *, float *) =
+        (int (*)(const mz_gated_sum_args *, float *))dlsym(library, "mz_gated_sum_portable");
+    if (!build || !isas || !scan || !states || !conv || !rms || !gate) {
         fprintf(stderr, "missing entry points in %s\n", argv[1]);
         return 2;
     }
-    double errors[5] = {scan_error(scan, 0), scan_error(scan, 1), conv_error(conv), state_scan_error(states, 0),
-                        state_scan_error(states, 1)};
+    double errors[7] = {scan_error(scan, 0), scan_error(scan, 1), conv_error(conv), state_scan_error(states, 0),
+                        state_scan_error(states, 1), rms_norm_error(rms), gated_sum_error(gate)};
     printf("%s; ISAs: %s\n", build(), isas());
     printf("scan forward (B%d L%d D%d N%d), relative error: %.2e forward, %.2e reverse\n", BATCH, LENGTH, DIM, STATES,
            errors[0], errors[1]);
     printf("conv forward (K%d, SiLU), relative error: %.2e\n", TAPS, errors[2]);
     printf("all-states scan forward (B%d L%d D%d), relative error: %.2e forward, %.2e reverse\n", BATCH, LENGTH, DIM,
            errors[3], errors[4]);
-    return errors[0] < 2e-5 && errors[1] < 2e-5 && errors[2] < 1e-5 && errors[3] < 2e-5 && errors[4] < 2e-5 ? 0 : 1;
+    printf("RMSNorm (%d rows of %d), relative error: %.2e\n", BATCH * LENGTH, DIM, errors[5]);
+    printf("gated sum, relative error: %.2e\n", errors[6]);
+    return errors[0] < 2e-5 && errors[1] < 2e-5 && errors[2] < 1e-5 && errors[3] < 2e-5 && errors[4] < 2e-5 &&
+                   errors[5] < 1e-5 && errors[6] < 1e-5
+               ? 0
+               : 1;
 }

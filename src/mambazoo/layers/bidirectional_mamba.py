@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import capabilities, causal_conv1d, selective_scan
+from ..ops import capabilities, causal_conv1d, gated_sum, selective_scan
 from .ssm_init import init_step_projection_
 from .tracing import at_least_fp32
 
@@ -37,7 +37,7 @@ class BidirectionalMamba(nn.Module):
         num_layers: Depth of the enclosing network; ``out_proj`` is initialised with 1 / sqrt(num_layers) scaling.
         divide_out: Average (rather than sum) the two directions.
         scan_backend: Selective-scan backend (see :func:`mambazoo.ops.selective_scan`); with ``"reference"`` or
-            ``"torch"`` the convs use the PyTorch implementation too.
+            ``"torch"`` the convs and the gate use the PyTorch implementation too.
     """
 
     def __init__(
@@ -66,7 +66,7 @@ class BidirectionalMamba(nn.Module):
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.divide_out = divide_out
         self.scan_backend = scan_backend
-        self.conv_backend = "torch" if scan_backend in ("reference", "torch") else "auto"
+        self.conv_backend = self.pointwise_backend = "torch" if scan_backend in ("reference", "torch") else "auto"
         self._dt_range = (dt_min, dt_max, dt_init_floor)
         self._num_layers = num_layers
         inner, rank = self.d_inner, self.dt_rank
@@ -84,7 +84,7 @@ class BidirectionalMamba(nn.Module):
         self.D_b = nn.Parameter(torch.empty(inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(inner, dim, bias=bias, **dd)
         self.reset_parameters()
-        for op in ("selective_scan", "causal_conv1d"):
+        for op in ("selective_scan", "causal_conv1d", "gated_sum"):
             capabilities.preload(op)  # now, not on the first call (which may be inside torch.compile)
 
     @torch.no_grad()
@@ -131,9 +131,10 @@ class BidirectionalMamba(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         """Mix a (batch, length, dim) sequence in both directions; returns the same shape.
 
-        Both directions are gated by the same SiLU(z), so the gate is applied once to their sum. The x and z halves
-        of ``in_proj`` are computed separately and every (length, inner) temporary is dropped as soon as it is
-        consumed: the inference peak is about five such tensors.
+        Both directions are gated by the same SiLU(z), so the gate is applied once to their sum, with the average's
+        1/2 (one kernel in CPU inference: :func:`mambazoo.ops.gated_sum`). The x and z halves of ``in_proj`` are
+        computed separately and every (length, inner) temporary is dropped as soon as it is consumed: the inference
+        peak is about five such tensors.
         """
         w_x, w_z = self.in_proj.weight.chunk(2)
         b_x, b_z = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
@@ -144,7 +145,7 @@ class BidirectionalMamba(nn.Module):
         del xc
         y_b = self._scan(xc_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
         del xc_b
-        y = y.add_(y_b)  # no backend saves its output for the backward, so adding in place is safe
-        del y_b
-        out = self.out_proj(y * F.silu(F.linear(u, w_z, b_z)))
-        return out.mul_(0.5) if self.divide_out else out  # exact: scaling by 1/2 commutes with the projection
+        z = F.linear(u, w_z, b_z)
+        if not self.divide_out or self.out_proj.bias is None:  # exact: 1/2 commutes with a projection without bias
+            return self.out_proj(gated_sum(y, y_b, z, 0.5 if self.divide_out else 1.0, self.pointwise_backend))
+        return self.out_proj(gated_sum(y, y_b, z, backend=self.pointwise_backend)).mul_(0.5)

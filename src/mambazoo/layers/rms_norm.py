@@ -1,7 +1,8 @@
-"""RMSNorm with a weight and no bias (Mamba's norm), on PyTorch's fused ``F.rms_norm``."""
+"""RMSNorm with a weight and no bias (Mamba's norm): one native kernel in CPU inference, else ``F.rms_norm``."""
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..ops import capabilities, rms_norm
 
 __all__ = ["RMSNorm"]
 
@@ -18,9 +19,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        capabilities.preload("rms_norm")  # now, not on the first call (which may be inside torch.compile)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

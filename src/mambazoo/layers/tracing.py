@@ -4,7 +4,7 @@
 tensors by proxies without shapes or dtypes, so code that branches on them cannot be traced. As in timm, such
 functions are registered with ``timm.layers.register_notrace_function`` and appear in the traced graph as one call
 each, run with real tensors (the tracer only wraps module-level functions with public names, so these have no
-leading underscore): the scan and conv ops (they check their arguments and pick a backend from the concrete
+leading underscore): the scan, conv and pointwise ops (they check their arguments and pick a backend from the concrete
 device, dtype and sizes) and the helpers the model files register next to their definitions (position-embedding
 resizing, scan-path tables, padding). Trace with timm's tools, which pass that registry to the tracer::
 
@@ -15,12 +15,14 @@ import torch
 from timm.layers import register_notrace_function
 from torch import Tensor
 
-from ..ops import causal_conv1d, selective_scan
+from ..ops import causal_conv1d, gated_sum, rms_norm, selective_scan
 
 __all__ = ["at_least_fp32", "check_image_batch"]
 
 register_notrace_function(selective_scan)
 register_notrace_function(causal_conv1d)
+register_notrace_function(rms_norm)
+register_notrace_function(gated_sum)
 
 
 @register_notrace_function

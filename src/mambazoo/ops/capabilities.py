@@ -79,6 +79,15 @@ CAPABILITIES: dict[str, tuple[Backend, ...]] = {
         Backend("torch"),
         Backend("reference", auto=False),
     ),
+    # Forward-only inference epilogues (mambazoo.ops.pointwise): native for plain eager float32 calls.
+    "rms_norm": (
+        Backend("native", **dict(_NATIVE, dtypes=(torch.float32,), auto_dtypes=None)),
+        Backend("torch"),
+    ),
+    "gated_sum": (
+        Backend("native", **dict(_NATIVE, dtypes=(torch.float32,), auto_dtypes=None)),
+        Backend("torch"),
+    ),
 }
 
 # Filled once per (op, backend) on first use; plain dict lookups afterwards, so torch.compile traces dispatch.

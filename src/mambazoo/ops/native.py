@@ -1,5 +1,5 @@
-"""Native CPU kernels (``csrc/``): the fused selective scan, the all-states scan and the causal depthwise conv1d, loaded
-with ctypes.
+"""Native CPU kernels (``csrc/``): the fused selective scan, the all-states scan, the causal depthwise conv1d and two
+inference epilogues (RMSNorm, the bidirectional gate), loaded with ctypes.
 
 The shared library ``libmambazoo_native.so`` is built by ``setup.py`` (plain C + OpenMP, no Python or PyTorch
 headers). It holds every kernel once per instruction set -- ``avx512``, ``avx2`` (with FMA) and ``portable`` on
@@ -35,7 +35,8 @@ from .fused_state_scan import StateKernel, register_state_kernel
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ISA", "ISAS", "COMPILED_ISAS", "RUNNABLE_ISAS", "LIBRARY_PATH",
            "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "active_isa", "describe", "use_isa", "scan_forward",
-           "scan_backward", "conv_forward", "conv_backward", "state_scan_forward", "state_scan_backward"]
+           "scan_backward", "conv_forward", "conv_backward", "state_scan_forward", "state_scan_backward",
+           "rms_norm_forward", "gated_sum_forward"]
 
 CHUNK_SIZE = 64
 ISAS = ("avx512", "avx2", "portable")  # best first
@@ -90,8 +91,19 @@ class _ConvArgs(ctypes.Structure):
     ]
 
 
-_SCAN_ARGS, _SCAN_GRADS, _STATE_ARGS, _STATE_GRADS, _CONV_ARGS = (
-    ctypes.POINTER(s) for s in (_ScanArgs, _ScanGrads, _StateScanArgs, _StateScanGrads, _ConvArgs))
+class _RmsNormArgs(ctypes.Structure):
+    _fields_ = [("rows", _int64), ("dim", _int64), ("x", _ptr), ("weight", _ptr), ("eps", ctypes.c_float),
+                ("n_threads", _int32)]
+
+
+class _GatedSumArgs(ctypes.Structure):
+    _fields_ = [("numel", _int64), ("a", _ptr), ("b", _ptr), ("z", _ptr), ("scale", ctypes.c_float),
+                ("n_threads", _int32)]
+
+
+_SCAN_ARGS, _SCAN_GRADS, _STATE_ARGS, _STATE_GRADS, _CONV_ARGS, _RMS_ARGS, _GATE_ARGS = (
+    ctypes.POINTER(s) for s in (_ScanArgs, _ScanGrads, _StateScanArgs, _StateScanGrads, _ConvArgs, _RmsNormArgs,
+                                _GatedSumArgs))
 _KERNELS = {  # entry point (without the ISA suffix) -> argument types; each returns an int
     "mz_scan_forward": [_SCAN_ARGS, _ptr, _ptr, _ptr],
     "mz_scan_backward": [_SCAN_ARGS, _ptr, _ptr, _ptr, _SCAN_GRADS],
@@ -99,6 +111,8 @@ _KERNELS = {  # entry point (without the ISA suffix) -> argument types; each ret
     "mz_state_scan_backward": [_STATE_ARGS, _ptr, _ptr, _STATE_GRADS],
     "mz_conv_forward": [_CONV_ARGS, _ptr],
     "mz_conv_backward": [_CONV_ARGS, _ptr, _ptr, _ptr, _ptr],
+    "mz_rms_norm": [_RMS_ARGS, _ptr],
+    "mz_gated_sum": [_GATE_ARGS, _ptr],
     "mz_scan_max_state": [],
     "mz_conv_max_kernel": [],
 }
@@ -357,6 +371,28 @@ def conv_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tens
     _check(_FUNCTIONS["mz_conv_backward"](ctypes.byref(args), grad_y.data_ptr(), dx.data_ptr(), dweight.data_ptr(),
                                           _address(dbias)), "conv1d backward")
     return dx.to(x.dtype), dweight.to(weight.dtype), x.new_empty((0,)) if dbias is None else dbias.to(bias.dtype)
+
+
+def rms_norm_forward(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """RMSNorm over the last dimension of a float32 CPU tensor (forward only); same shape and dtype."""
+    _check_cpu(x, "x")
+    x, weight = _contiguous(x), _contiguous(weight)
+    dim = x.shape[-1]
+    args = _RmsNormArgs(x.numel() // dim if dim else 0, dim, x.data_ptr(), _address(weight), eps,
+                        torch.get_num_threads())
+    out = torch.empty_like(x)
+    _check(_FUNCTIONS["mz_rms_norm"](ctypes.byref(args), out.data_ptr()), "rms_norm")
+    return out
+
+
+def gated_sum_forward(a: Tensor, b: Optional[Tensor], z: Tensor, scale: float) -> Tensor:
+    """((a + b) * silu(z)) * scale for float32 CPU tensors of one shape (forward only)."""
+    _check_cpu(a, "a")
+    a, b, z = (_contiguous(t) for t in (a, b, z))
+    args = _GatedSumArgs(a.numel(), a.data_ptr(), _address(b), z.data_ptr(), scale, torch.get_num_threads())
+    out = torch.empty_like(a)
+    _check(_FUNCTIONS["mz_gated_sum"](ctypes.byref(args), out.data_ptr()), "gated_sum")
+    return out
 
 
 if AVAILABLE:
