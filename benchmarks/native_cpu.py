@@ -14,7 +14,8 @@ machine load cancels (the method of docs/benchmarks.md).
 * Epilogues (Vim-Ti shapes at 224 and 1248 px): ``rms_norm`` of (1, L, 192) and ``gated_sum`` of three (1, L, 384)
   tensors with scale 1/2, native (best ISA) against the PyTorch composite (``backend="torch"``), under
   ``inference_mode``, each sample repeated for at least 20 ms.
-* Vim-Ti vs DeiT-Ti (SDPA attention), batch 1, fp32, ``inference_mode``, at 224 and 1248 px: the best ISA.
+* Vim-Ti vs DeiT-Ti (SDPA attention), batch 1, fp32, ``inference_mode``, at 224 and 1248 px: the best ISA, with the
+  minor page faults per image (the allocator's churn; docs/benchmarks.md, "Allocator").
 
 The forward's physical limit (docs/native.md): per state update and LANES channels the AVX-512 loop runs 14 vector
 instructions -- the decay exp(dt·A) is 10 of them (a multiply, round, subtract, compare, 5 FMAs of the polynomial,
@@ -36,7 +37,7 @@ import torch
 
 from mambazoo.ops import causal_conv1d, gated_sum, native, rms_norm, selective_scan
 from scan import DIM, D_STATE, MATMUL_SIZE, machine_description, make_inputs, write_atomically
-from vim_cpu import build
+from vim_cpu import allocator_description, build, time_and_faults
 
 SCAN_SHAPES = {"forward": [(1, 197), (1, 1025), (8, 1025), (1, 6085)], "forward+backward": [(1, 197), (1, 1025)]}
 QUICK_SCAN_SHAPES = {"forward": [(1, 197)], "forward+backward": [(1, 197)]}
@@ -192,24 +193,25 @@ def epilogue_table(lengths: tuple, rounds: int) -> list[str]:
 
 
 def model_table(sizes: tuple, rounds: int) -> list[str]:
-    lines = ["| px | DeiT-Ti (SDPA) ms (img/s) | Vim-Ti ms (img/s) | Vim / DeiT img/s, median [min–max] |",
-             "|---|---|---|---|"]
+    lines = ["| px | DeiT-Ti (SDPA) ms (img/s) | Vim-Ti ms (img/s) | Vim / DeiT img/s, median [min–max] | "
+             "page faults per image DeiT / Vim |", "|---|---|---|---|---|"]
     for size in sizes:
         models = {name: build(name, size) for name in ("deit_tiny", "vim_tiny")}
         image = torch.randn(1, 3, size, size)
         iters = max(1, round(8e5 / size ** 2))  # ~16 forwards per round at 224, 1 at 1248
-        calls = {name: (lambda model=model: seconds(lambda: model(image), iters)) for name, model in models.items()}
-        times = {name: [] for name in models}
-        with torch.inference_mode():
-            for call in calls.values():
-                call()
-            for _ in range(rounds):
-                for name, call in calls.items():
-                    times[name].append(call())
+        for model in models.values():
+            time_and_faults(model, image, 1)
+        times, faults = {name: [] for name in models}, {name: [] for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                seconds, page_faults = time_and_faults(model, image, iters)
+                times[name].append(seconds)
+                faults[name].append(page_faults)
         ratios = [deit / vim for deit, vim in zip(times["deit_tiny"], times["vim_tiny"])]
         deit, vim = (1e3 * statistics.median(times[name]) for name in ("deit_tiny", "vim_tiny"))
         lines.append(f"| {size} | {deit:.1f} ({1e3 / deit:.2f}) | {vim:.1f} ({1e3 / vim:.2f}) | "
-                     f"x{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}] |")
+                     f"x{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}] | "
+                     f"{statistics.median(faults['deit_tiny']):.0f} / {statistics.median(faults['vim_tiny']):.0f} |")
     return lines
 
 
@@ -247,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         *([f"**{args.label}**", ""] if args.label else []),
         f"Produced by `{command}`: one process, {args.rounds} interleaved rounds after one warm-up; medians, ratios "
         f"are medians of per-round ratios (method in the script's docstring); {args.clock} clock.", "",
-        *machine_description(), f"* native build: {native.describe()}", "",
+        *machine_description(), allocator_description(), f"* native build: {native.describe()}", "",
         *(line for title, table in sections for line in (f"## {title}", "", *table, "")),
     ])
     print(text)

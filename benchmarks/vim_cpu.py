@@ -2,12 +2,15 @@
 
 Speed: both models in one process, interleaved round-robin (each round times ``iters`` forwards of each model after
 the warm-up); the table gives median ms per image, images/s and the median over rounds of the per-round ratio
-(Vim images/s / DeiT images/s), so drift in machine load cancels.
+(Vim images/s / DeiT images/s), so drift in machine load cancels, and the median minor page faults per image (memory
+the allocator mapped afresh). The process's allocator settings are printed first: at 1248 px glibc's defaults make
+Vim-Ti re-fault hundreds of MB per image (docs/benchmarks.md, "Allocator"); run it once more with
+``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296`` to see the models without that churn.
 
 Memory: one fresh subprocess per (model, size). After building the model and the input, the process resets its peak
 RSS (``/proc/self/clear_refs``), runs one forward and reports VmHWM − RSS before the forward, measured identically
-for both models. Two allocator settings: glibc's default (its mmap threshold grows after large frees, so freed
-activations stay resident and the number includes that slack; as in docs/benchmarks.md), and a fixed 128 KiB mmap/trim
+for both models. Two allocator settings: the one the script runs with (with glibc's defaults its mmap threshold grows
+after large frees, so freed activations stay resident and the number includes that slack), and a fixed 128 KiB mmap/trim
 threshold (``MALLOC_MMAP_THRESHOLD_``), with which freed activations go back to the OS and the peak tracks the
 live activations.
 
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,11 +42,27 @@ def build(name: str, size: int) -> torch.nn.Module:
 
 def time_forward(model: torch.nn.Module, x: torch.Tensor, iters: int) -> float:
     """Seconds per forward, averaged over ``iters`` calls."""
+    return time_and_faults(model, x, iters)[0]
+
+
+def time_and_faults(model: torch.nn.Module, x: torch.Tensor, iters: int) -> tuple[float, float]:
+    """Seconds and minor page faults of the process per forward, averaged over ``iters`` calls under
+    ``inference_mode``. Page faults count fresh memory the allocator had to map (docs/benchmarks.md, allocator)."""
     with torch.inference_mode():
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for _ in range(iters):
             model(x)
-        return (time.perf_counter() - start) / iters
+        elapsed = time.perf_counter() - start
+        return elapsed / iters, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / iters
+
+
+def allocator_description() -> str:
+    """The allocator settings of this process: the glibc tunables and preloads that change how freed memory is kept."""
+    settings = {name: value for name, value in os.environ.items()
+                if name.startswith("MALLOC_") or name in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    described = ", ".join(f"{name}={value}" for name, value in sorted(settings.items()))
+    return f"* allocator: {described or 'glibc malloc with its defaults (no MALLOC_* variable, no LD_PRELOAD)'}"
 
 
 def speed(size: int, rounds: int) -> dict:
@@ -51,14 +71,17 @@ def speed(size: int, rounds: int) -> dict:
     iters = max(1, round(4e5 / size ** 2 * 2))  # ~16 forwards at 224, 1 at 1248
     for model in models.values():
         time_forward(model, x, 2)  # warm-up
-    times = {name: [] for name in models}
+    times, faults = {name: [] for name in models}, {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            times[name].append(time_forward(model, x, iters))
+            seconds, page_faults = time_and_faults(model, x, iters)
+            times[name].append(seconds)
+            faults[name].append(page_faults)
     ratios = [deit / vim for deit, vim in zip(times["deit_tiny"], times["vim_tiny"])]
     return dict(size=size, iters=iters, rounds=rounds,
                 ms={name: 1e3 * statistics.median(t) for name, t in times.items()},
                 ms_range={name: (1e3 * min(t), 1e3 * max(t)) for name, t in times.items()},
+                faults={name: statistics.median(f) for name, f in faults.items()},
                 ratio=statistics.median(ratios), ratio_range=(min(ratios), max(ratios)))
 
 
@@ -118,9 +141,11 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, scan backends {mambazoo.available_backends()}")
+    print(allocator_description())
     print("\n| px | DeiT-Ti ms (img/s) | Vim-Ti ms (img/s) | Vim/DeiT img/s, median [min-max] | "
-          "peak MB DeiT / Vim (glibc default) | peak MB DeiT / Vim (fixed mmap threshold) |")
-    print("|---|---|---|---|---|---|")
+          "page faults per image DeiT / Vim | peak MB DeiT / Vim (allocator as run) | "
+          "peak MB DeiT / Vim (fixed mmap threshold) |")
+    print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         result = speed(size, args.rounds)
         mem = {name: memory(name, size, {}) for name in MODELS}
@@ -128,7 +153,9 @@ def main() -> None:
         deit, vim = result["ms"]["deit_tiny"], result["ms"]["vim_tiny"]
         low, high = result["ratio_range"]
         print(f"| {size} | {deit:.1f} ({1e3 / deit:.2f}) | {vim:.1f} ({1e3 / vim:.2f}) | "
-              f"x{result['ratio']:.2f} [{low:.2f}-{high:.2f}] | {mem['deit_tiny']:.0f} / {mem['vim_tiny']:.0f} | "
+              f"x{result['ratio']:.2f} [{low:.2f}-{high:.2f}] | "
+              f"{result['faults']['deit_tiny']:.0f} / {result['faults']['vim_tiny']:.0f} | "
+              f"{mem['deit_tiny']:.0f} / {mem['vim_tiny']:.0f} | "
               f"{fixed['deit_tiny']:.0f} / {fixed['vim_tiny']:.0f} |",
               flush=True)
     if args.train:
