@@ -37,7 +37,7 @@ import torch
 
 from mambazoo.ops import causal_conv1d, gated_sum, native, rms_norm, selective_scan
 from scan import DIM, D_STATE, MATMUL_SIZE, machine_description, make_inputs, write_atomically
-from vim_cpu import allocator_description, build, time_and_faults
+from vim_cpu import allocator_description, speed
 
 SCAN_SHAPES = {"forward": [(1, 197), (1, 1025), (8, 1025), (1, 6085)], "forward+backward": [(1, 197), (1, 1025)]}
 QUICK_SCAN_SHAPES = {"forward": [(1, 197)], "forward+backward": [(1, 197)]}
@@ -196,22 +196,12 @@ def model_table(sizes: tuple, rounds: int) -> list[str]:
     lines = ["| px | DeiT-Ti (SDPA) ms (img/s) | Vim-Ti ms (img/s) | Vim / DeiT img/s, median [min–max] | "
              "page faults per image DeiT / Vim |", "|---|---|---|---|---|"]
     for size in sizes:
-        models = {name: build(name, size) for name in ("deit_tiny", "vim_tiny")}
-        image = torch.randn(1, 3, size, size)
-        iters = max(1, round(8e5 / size ** 2))  # ~16 forwards per round at 224, 1 at 1248
-        for model in models.values():
-            time_and_faults(model, image, 1)
-        times, faults = {name: [] for name in models}, {name: [] for name in models}
-        for _ in range(rounds):
-            for name, model in models.items():
-                seconds, page_faults = time_and_faults(model, image, iters)
-                times[name].append(seconds)
-                faults[name].append(page_faults)
-        ratios = [deit / vim for deit, vim in zip(times["deit_tiny"], times["vim_tiny"])]
-        deit, vim = (1e3 * statistics.median(times[name]) for name in ("deit_tiny", "vim_tiny"))
+        result = speed(size, rounds)  # ~16 forwards per round at 224, 1 at 1248
+        deit, vim = result["ms"]["deit_tiny"], result["ms"]["vim_tiny"]
+        low, high = result["ratio_range"]
         lines.append(f"| {size} | {deit:.1f} ({1e3 / deit:.2f}) | {vim:.1f} ({1e3 / vim:.2f}) | "
-                     f"x{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}] | "
-                     f"{statistics.median(faults['deit_tiny']):.0f} / {statistics.median(faults['vim_tiny']):.0f} |")
+                     f"x{result['ratio']:.2f} [{low:.2f}–{high:.2f}] | "
+                     f"{result['faults']['deit_tiny']:.0f} / {result['faults']['vim_tiny']:.0f} |")
     return lines
 
 

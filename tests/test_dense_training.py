@@ -176,6 +176,7 @@ def test_detection_run_killed_mid_checkpoint_resumes_bitwise(images: Path, tmp_p
 
 
 JOB = textwrap.dedent("""
+    import gc
     import json
     import sys
     import torch
@@ -191,6 +192,9 @@ JOB = textwrap.dedent("""
     fsdp = train(segmentation + ["--output", f"{out}/fsdp", "--fsdp"])
     if rank == 0:
         json.dump(dict(validate=results, fsdp=fsdp.history), open(f"{out}/results.json", "w"))
+    del ddp, fsdp  # the models hold the groups' meshes: free them while the interpreter is whole
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 """)
 

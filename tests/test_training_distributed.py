@@ -22,6 +22,7 @@ RUN_ARGS = DIGITS_ARGS + ["-b", "128", "--epochs", "1", "--lr", "3e-3", "--seed"
 TOLERANCE = 5e-5
 
 JOB = textwrap.dedent("""
+    import gc
     import json
     import sys
     import torch
@@ -45,6 +46,9 @@ JOB = textwrap.dedent("""
     if rank == 0:
         torch.save(full, f"{out}/fsdp_full.pt")
         torch.save(reloaded, f"{out}/fsdp_resumed.pt")
+    del ddp, fsdp, resumed  # the models hold the groups' meshes: free them while the interpreter is whole
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 """)
 
@@ -86,3 +90,21 @@ def test_torchrun_ddp_and_fsdp2_match_one_process(tmp_path):
     # Evaluating the FSDP run's checkpoint in one process reproduces the accuracy the 2-process run reported.
     reported = json.loads((tmp_path / "fsdp" / "checkpoints.json").read_text())["best"][0]["metric"]
     assert abs(validate([str(tmp_path / "fsdp"), "-j", "0"])["top1"] - reported) < 1e-9
+
+
+def test_command_line_run_destroys_its_process_group_only_after_success(tmp_path):
+    """`mambazoo train` (so `torchrun -m mambazoo.train`) leaves the process group once the run succeeded; after an
+    error the group stays (a failed rank must not wait in a collective for the others)."""
+    import torch.distributed as dist
+
+    from mambazoo.train import main
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert main(RUN_ARGS + ["--output", str(tmp_path / "run"), "--model", "no_such_model"]) == 2
+        assert dist.is_initialized()
+        assert main(RUN_ARGS + ["--output", str(tmp_path / "run")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -22,6 +22,7 @@ __all__ = [
     "init_distributed",
     "no_sync",
     "shard_with_fsdp",
+    "shutdown_distributed",
     "wrap_ddp",
 ]
 
@@ -97,6 +98,19 @@ def init_distributed(device: Optional[str] = None) -> Distributed:
         return Distributed(dist.get_rank(), local_rank, dist.get_world_size(), torch.device(resolved))
     info = init_distributed_device_so(device=device)
     return Distributed(info["global_rank"], info["local_rank"], info["world_size"], torch.device(info["device"]))
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group at the end of a successful command-line run: wait for every rank, then destroy it.
+
+    A process that exits with its group alive leaves Gloo's (or NCCL's) threads to be torn down during interpreter
+    finalization, which can abort it (SIGABRT, "terminate called without an active exception") after the work is
+    done; PyTorch asks every process to call ``destroy_process_group`` before exiting. Not called after an error: a
+    rank that failed must not wait in a collective for ranks that may never reach it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
