@@ -131,6 +131,11 @@ def scan_tables(shapes: dict, rounds: int) -> list[str]:
     return lines
 
 
+def summary(values: list[float]) -> str:
+    """"median [min–max]" with one decimal."""
+    return f"{statistics.median(values):.1f} [{min(values):.1f}–{max(values):.1f}]"
+
+
 def conv_table(lengths: tuple, rounds: int) -> list[str]:
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(DIM, KERNEL_SIZE, generator=generator), torch.randn(DIM, generator=generator)
@@ -152,17 +157,11 @@ def conv_table(lengths: tuple, rounds: int) -> list[str]:
             continue
         _, length, isa = name.split("|")
         copy_times = times[f"copy|{length}"]
-        us = [1e6 * t for t in call_times]
         moved = 2 * int(length) * DIM * 4 / statistics.median(call_times) / 1e9
-        lines.append(f"| B1 L{length} D{DIM} K{KERNEL_SIZE} | {isa} | {statistics.median(us):.1f} [{min(us):.1f}–"
-                     f"{max(us):.1f}] | {1e6 * statistics.median(copy_times):.1f} | "
-                     f"{ratio(call_times, copy_times):.2f} | {moved:.1f} |")
+        lines.append(f"| B1 L{length} D{DIM} K{KERNEL_SIZE} | {isa} | {summary([1e6 * t for t in call_times])} | "
+                     f"{1e6 * statistics.median(copy_times):.1f} | {ratio(call_times, copy_times):.2f} | "
+                     f"{moved:.1f} |")
     return lines
-
-
-def summary(values: list[float]) -> str:
-    """"median [min–max]" with one decimal."""
-    return f"{statistics.median(values):.1f} [{min(values):.1f}–{max(values):.1f}]"
 
 
 def epilogue_calls(length: int) -> dict[str, Callable[[], None]]:
