@@ -30,6 +30,32 @@ typedef struct {
     float *du, *ddelta, *dA, *dB, *dC, *dD, *dz, *ddelta_bias;
 } mz_scan_grads;
 
+/* Bidirectional inference scan (csrc/selective_scan.c, mz_scan_bidirectional): one direction in Mamba's
+ * parametrisation, delta = dt_low_rank @ dt_weight^T (dt_weight (dim, dt_rank) contiguous) and A = -exp(A_log). */
+typedef struct {
+    const float *u;
+    int64_t u_batch_stride, u_length_stride;
+    const float *dt_low_rank;
+    int64_t dt_batch_stride, dt_length_stride;
+    const float *dt_weight;
+    const float *dt_bias; /* (dim,) or NULL */
+    const float *A_log;   /* (dim, d_state) contiguous */
+    const float *B;
+    int64_t B_batch_stride, B_length_stride;
+    const float *C;
+    int64_t C_batch_stride, C_length_stride;
+    const float *D; /* (dim,) or NULL */
+} mz_scan_direction;
+
+typedef struct {
+    int64_t batch, length, dim, d_state, dt_rank;
+    mz_scan_direction forward, backward;
+    const float *z;
+    int64_t z_batch_stride, z_length_stride;
+    float scale;
+    int32_t n_threads;
+} mz_bidirectional_scan_args;
+
 /* All-states scan (csrc/state_scan.c). */
 typedef struct {
     int64_t batch, length, dim;

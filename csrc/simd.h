@@ -100,30 +100,46 @@ INLINE vfloat exp2_fraction(vfloat f) {
     return p * f + 1.0f;
 }
 
+/* 2^f for |f| <= 1/2 with one FMA fewer: degree 4 under the same two constraints, relative error 5.4e-6 (with the
+ * float32 coefficients). The scan's decays use it (their exponential bounds the scan's speed; see decay_of in
+ * selective_scan.c and docs/native.md, "Numerics"); everything else uses exp2_fraction. */
+INLINE vfloat exp2_fraction_short(vfloat f) {
+    vfloat p = splat(9.528321e-3f);
+    p = p * f + 5.5793341e-2f;
+    p = p * f + 2.4025109e-1f;
+    p = p * f + 6.931472e-1f;
+    return p * f + 1.0f;
+}
+
 /* 2^x for x <= 127 (with `may_be_positive`; anything above 128 gives +inf), exactly 0 below -125.5 (so results
  * are normal floats or zero, and 2^-inf = 0), NaN for NaN. Branch-free: x = k + f with integer k and |f| <= 1/2.
- * Without `may_be_positive` the argument must be <= 0 (or NaN). */
+ * Without `may_be_positive` the argument must be <= 0 (or NaN). `short_polynomial` (a compile-time constant) uses
+ * exp2_fraction_short for 2^f. */
 #ifdef MZ_SIMD_AVX512
-INLINE vfloat exp2_upto(vfloat x, int may_be_positive) {
+INLINE vfloat exp2_any(vfloat x, int may_be_positive, int short_polynomial) {
     if (may_be_positive) x = min_keep_nan(x, 128.0f);
     __m512 xv = (__m512)x;
     __mmask16 normal = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-125.5f), _CMP_NLT_UQ); /* true for NaN */
     __m512 k = _mm512_roundscale_ps(xv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vfloat p = exp2_fraction((vfloat)_mm512_sub_ps(xv, k));
+    vfloat f = (vfloat)_mm512_sub_ps(xv, k);
+    vfloat p = short_polynomial ? exp2_fraction_short(f) : exp2_fraction(f);
     return (vfloat)_mm512_maskz_scalef_ps(normal, (__m512)p, k); /* 2^k * p, exact */
 }
 #else
-INLINE vfloat exp2_upto(vfloat x, int may_be_positive) {
+INLINE vfloat exp2_any(vfloat x, int may_be_positive, int short_polynomial) {
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds |x| < 2^22 to an integer in the low bits */
     if (may_be_positive) x = min_keep_nan(x, 128.0f);
     vint underflow = x < -125.5f; /* false for NaN */
     vfloat shifted = x + magic;
     vfloat k = shifted - magic;
-    vfloat p = exp2_fraction(x - k);
+    vfloat p = short_polynomial ? exp2_fraction_short(x - k) : exp2_fraction(x - k);
     vfloat scale = (vfloat)(((vint)shifted + 127) << 23); /* 2^k for k in [-126, 128] (128 gives +inf) */
     return (vfloat)((vint)(p * scale) & ~underflow);      /* a NaN p stays NaN whatever the scale */
 }
 #endif
+
+/* 2^x with the degree-5 polynomial (see exp2_any). */
+INLINE vfloat exp2_upto(vfloat x, int may_be_positive) { return exp2_any(x, may_be_positive, 0); }
 
 #define LOG2E 1.44269504088896341f
 

@@ -1,6 +1,6 @@
 /* Runs the portable kernels of an aarch64 build of libmambazoo_native.so (under QEMU on x86 machines) against
- * scalar double-precision references of the scan, the all-states scan, the conv, the RMSNorm and the gate; exits
- * non-zero when they disagree. See .ci/aarch64-check and docs/native.md.
+ * scalar double-precision references of the scan, the bidirectional scan, the all-states scan, the conv, the RMSNorm
+ * and the gate; exits non-zero when they disagree. See .ci/aarch64-check and docs/native.md.
  * Usage: check_portable path/to/libmambazoo_native.so */
 #include <dlfcn.h>
 #include <math.h>
@@ -46,6 +46,62 @@ static double scan_error(int (*forward)(const mz_scan_args *, float *, float *, 
                 }
                 out *= zt / (1 + exp(-zt));
                 worst = fmax(worst, fabs(out - y[row * DIM + d]));
+                largest = fmax(largest, fabs(out));
+            }
+        }
+    }
+    return worst / largest;
+}
+
+/* Max |error| / max |reference| of the bidirectional inference scan (rank-RANK step projection, A = -exp(A_log),
+ * both directions summed, gated by SiLU(z) and halved). */
+enum { RANK = 5 };
+
+static mz_scan_direction random_direction(void) {
+    float *projected = random_floats(BATCH * LENGTH * (RANK + 2 * STATES), 1, 0);
+    float *A_log = malloc(sizeof(float) * DIM * STATES);
+    for (int i = 0; i < DIM * STATES; ++i) A_log[i] = logf((float)(i % STATES + 1)) + 0.3f * uniform();
+    int64_t row = RANK + 2 * STATES;
+    mz_scan_direction d = {random_floats(BATCH * LENGTH * DIM, 1, 0), LENGTH * DIM, DIM, projected, LENGTH * row, row,
+                           random_floats(DIM * RANK, 0.5f, 0), random_floats(DIM, 1, -3), A_log, projected + RANK,
+                           LENGTH * row, row, projected + RANK + STATES, LENGTH * row, row,
+                           random_floats(DIM, 0.1f, 1)};
+    return d;
+}
+
+/* Output of one direction for channel d of batch row b at every step, in double. */
+static void direction_reference(const mz_scan_direction *s, int b, int d, int reverse, double *out) {
+    double h[STATES] = {0};
+    for (int step = 0; step < LENGTH; ++step) {
+        int t = reverse ? LENGTH - 1 - step : step;
+        const float *x = s->dt_low_rank + b * s->dt_batch_stride + t * s->dt_length_stride;
+        const float *B = s->B + b * s->B_batch_stride + t * s->B_length_stride;
+        const float *C = s->C + b * s->C_batch_stride + t * s->C_length_stride;
+        double pre = s->dt_bias[d], ut = s->u[b * s->u_batch_stride + t * s->u_length_stride + d];
+        for (int r = 0; r < RANK; ++r) pre += (double)x[r] * s->dt_weight[d * RANK + r];
+        double dt = pre > 20 ? pre : log1p(exp(pre)), y = s->D[d] * ut;
+        for (int n = 0; n < STATES; ++n) {
+            h[n] = exp(-dt * exp(s->A_log[d * STATES + n])) * h[n] + dt * ut * B[n];
+            y += h[n] * C[n];
+        }
+        out[t] = y;
+    }
+}
+
+static double bidirectional_error(int (*scan)(const mz_bidirectional_scan_args *, float *)) {
+    float *z = random_floats(BATCH * LENGTH * DIM, 1, 0), *y = malloc(sizeof(float) * BATCH * LENGTH * DIM);
+    mz_bidirectional_scan_args a = {BATCH, LENGTH, DIM, STATES, RANK, random_direction(), random_direction(), z,
+                                    LENGTH * DIM, DIM, 0.5f, 2};
+    if (scan(&a, y) != 0) return INFINITY;
+    double worst = 0, largest = 0, forward[LENGTH], backward[LENGTH];
+    for (int b = 0; b < BATCH; ++b) {
+        for (int d = 0; d < DIM; ++d) {
+            direction_reference(&a.forward, b, d, 0, forward);
+            direction_reference(&a.backward, b, d, 1, backward);
+            for (int t = 0; t < LENGTH; ++t) {
+                int i = (b * LENGTH + t) * DIM + d;
+                double out = (forward[t] + backward[t]) * z[i] / (1 + exp(-z[i])) * 0.5;
+                worst = fmax(worst, fabs(out - y[i]));
                 largest = fmax(largest, fabs(out));
             }
         }
@@ -157,12 +213,15 @@ int main(int argc, char **argv) {
         (int (*)(const mz_rms_norm_args *, float *))dlsym(library, "mz_rms_norm_portable");
     int (*gate)(const mz_gated_sum_args *, float *) =
         (int (*)(const mz_gated_sum_args *, float *))dlsym(library, "mz_gated_sum_portable");
-    if (!build || !isas || !scan || !states || !conv || !rms || !gate) {
+    int (*bidirectional)(const mz_bidirectional_scan_args *, float *) =
+        (int (*)(const mz_bidirectional_scan_args *, float *))dlsym(library, "mz_scan_bidirectional_portable");
+    if (!build || !isas || !scan || !states || !conv || !rms || !gate || !bidirectional) {
         fprintf(stderr, "missing entry points in %s\n", argv[1]);
         return 2;
     }
-    double errors[7] = {scan_error(scan, 0), scan_error(scan, 1), conv_error(conv), state_scan_error(states, 0),
-                        state_scan_error(states, 1), rms_norm_error(rms), gated_sum_error(gate)};
+    double errors[8] = {scan_error(scan, 0), scan_error(scan, 1), conv_error(conv), state_scan_error(states, 0),
+                        state_scan_error(states, 1), rms_norm_error(rms), gated_sum_error(gate),
+                        bidirectional_error(bidirectional)};
     printf("%s; ISAs: %s\n", build(), isas());
     printf("scan forward (B%d L%d D%d N%d), relative error: %.2e forward, %.2e reverse\n", BATCH, LENGTH, DIM, STATES,
            errors[0], errors[1]);
@@ -171,8 +230,9 @@ int main(int argc, char **argv) {
            errors[3], errors[4]);
     printf("RMSNorm (%d rows of %d), relative error: %.2e\n", BATCH * LENGTH, DIM, errors[5]);
     printf("gated sum, relative error: %.2e\n", errors[6]);
+    printf("bidirectional scan (rank %d), relative error: %.2e\n", RANK, errors[7]);
     return errors[0] < 2e-5 && errors[1] < 2e-5 && errors[2] < 1e-5 && errors[3] < 2e-5 && errors[4] < 2e-5 &&
-                   errors[5] < 1e-5 && errors[6] < 1e-5
+                   errors[5] < 1e-5 && errors[6] < 1e-5 && errors[7] < 2e-5
                ? 0
                : 1;
 }

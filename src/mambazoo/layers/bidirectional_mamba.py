@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import capabilities, causal_conv1d, gated_sum, selective_scan
+from ..ops import ScanDirection, bidirectional_scan, capabilities, causal_conv1d
 from .ssm_init import init_step_projection_
-from .tracing import at_least_fp32
 
 __all__ = ["BidirectionalMamba"]
 
@@ -66,7 +65,7 @@ class BidirectionalMamba(nn.Module):
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.divide_out = divide_out
         self.scan_backend = scan_backend
-        self.conv_backend = self.pointwise_backend = "torch" if scan_backend in ("reference", "torch") else "auto"
+        self.conv_backend = "torch" if scan_backend in ("reference", "torch") else "auto"
         self._dt_range = (dt_min, dt_max, dt_init_floor)
         self._num_layers = num_layers
         inner, rank = self.d_inner, self.dt_rank
@@ -84,7 +83,7 @@ class BidirectionalMamba(nn.Module):
         self.D_b = nn.Parameter(torch.empty(inner, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(inner, dim, bias=bias, **dd)
         self.reset_parameters()
-        for op in ("selective_scan", "causal_conv1d", "gated_sum"):
+        for op in ("selective_scan", "causal_conv1d", "gated_sum", "bidirectional_scan"):
             capabilities.preload(op)  # now, not on the first call (which may be inside torch.compile)
 
     @torch.no_grad()
@@ -112,40 +111,28 @@ class BidirectionalMamba(nn.Module):
         return causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu", reverse=reverse,
                              backend=self.conv_backend)
 
-    def _scan(
-            self,
-            xc: Tensor,
-            x_proj: nn.Linear,
-            dt_proj: nn.Linear,
-            A_log: Tensor,
-            skip: Tensor,
-            reverse: bool,
-    ) -> Tensor:
-        dt_raw, B, C = x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt_raw, dt_proj.weight)  # the bias is added (once) inside the scan, before the softplus
-        return selective_scan(
-            xc, delta, -torch.exp(at_least_fp32(A_log)), B, C, at_least_fp32(skip),
-            delta_bias=at_least_fp32(dt_proj.bias), delta_softplus=True, reverse=reverse, backend=self.scan_backend,
-        )
+    def _direction(self, xc: Tensor, x_proj: nn.Linear, dt_proj: nn.Linear, A_log: Tensor, skip: Tensor) -> ScanDirection:
+        dt_low_rank, B, C = x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return ScanDirection(xc, dt_low_rank, dt_proj.weight, dt_proj.bias, A_log, B, C, skip)
 
     def forward(self, u: Tensor) -> Tensor:
         """Mix a (batch, length, dim) sequence in both directions; returns the same shape.
 
         Both directions are gated by the same SiLU(z), so the gate is applied once to their sum, with the average's
-        1/2 (one kernel in CPU inference: :func:`mambazoo.ops.gated_sum`). The x and z halves of ``in_proj`` are
-        computed separately and every (length, inner) temporary is dropped as soon as it is consumed: the inference
-        peak is about five such tensors.
+        1/2 (:func:`mambazoo.ops.bidirectional_scan`: one native kernel for both scans and the gate in CPU
+        inference). The x and z halves of ``in_proj`` are computed separately and every (length, inner) temporary is
+        dropped as soon as it is consumed.
         """
         w_x, w_z = self.in_proj.weight.chunk(2)
         b_x, b_z = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
         x = F.linear(u, w_x, b_x)
         xc, xc_b = self._conv(x, self.conv1d, reverse=False), self._conv(x, self.conv1d_b, reverse=True)
         del x
-        y = self._scan(xc, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
-        del xc
-        y_b = self._scan(xc_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
-        del xc_b
+        forward = self._direction(xc, self.x_proj, self.dt_proj, self.A_log, self.D)
+        backward = self._direction(xc_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
+        del xc, xc_b
         z = F.linear(u, w_z, b_z)
         if not self.divide_out or self.out_proj.bias is None:  # exact: 1/2 commutes with a projection without bias
-            return self.out_proj(gated_sum(y, y_b, z, 0.5 if self.divide_out else 1.0, self.pointwise_backend))
-        return self.out_proj(gated_sum(y, y_b, z, backend=self.pointwise_backend)).mul_(0.5)
+            scale = 0.5 if self.divide_out else 1.0
+            return self.out_proj(bidirectional_scan(forward, backward, z, scale, self.scan_backend))
+        return self.out_proj(bidirectional_scan(forward, backward, z, backend=self.scan_backend)).mul_(0.5)

@@ -11,18 +11,16 @@ resizing, scan-path tables, padding). Trace with timm's tools, which pass that r
     from timm.layers import create_feature_extractor
     extractor = create_feature_extractor(model, return_nodes=["layers.3"])
 """
-import torch
 from timm.layers import register_notrace_function
 from torch import Tensor
 
-from ..ops import causal_conv1d, gated_sum, rms_norm, selective_scan
+from ..ops import bidirectional_scan, causal_conv1d, gated_sum, rms_norm, selective_scan
+from ..ops.bidirectional_scan import at_least_fp32
 
 __all__ = ["at_least_fp32", "check_image_batch"]
 
-register_notrace_function(selective_scan)
-register_notrace_function(causal_conv1d)
-register_notrace_function(rms_norm)
-register_notrace_function(gated_sum)
+for _op in (selective_scan, bidirectional_scan, causal_conv1d, rms_norm, gated_sum, at_least_fp32):
+    register_notrace_function(_op)
 
 
 @register_notrace_function
@@ -41,9 +39,3 @@ def check_image_batch(x: Tensor, in_chans: int) -> Tensor:
         raise ValueError(f"expected a batch of images shaped (B, {in_chans}, H, W), got a tensor of shape "
                          f"{tuple(x.shape)}")
     return x
-
-
-@register_notrace_function
-def at_least_fp32(tensor: Tensor) -> Tensor:
-    """``tensor`` in float32, or unchanged if it is float64 (state and residual precision of the Mamba blocks)."""
-    return tensor if tensor.dtype == torch.float64 else tensor.float()

@@ -79,7 +79,13 @@ CAPABILITIES: dict[str, tuple[Backend, ...]] = {
         Backend("torch"),
         Backend("reference", auto=False),
     ),
-    # Forward-only inference epilogues (mambazoo.ops.pointwise): native for plain eager float32 calls.
+    # Forward-only inference kernels (mambazoo.ops.bidirectional_scan, mambazoo.ops.pointwise): native for plain
+    # eager float32 calls; "torch" is the composite of the ops above.
+    "bidirectional_scan": (
+        Backend("native", limits=(("d_state", "MAX_STATE"), ("dt_rank", "MAX_RANK")),
+                **dict(_NATIVE, dtypes=(torch.float32,), auto_dtypes=None)),
+        Backend("torch"),
+    ),
     "rms_norm": (
         Backend("native", **dict(_NATIVE, dtypes=(torch.float32,), auto_dtypes=None)),
         Backend("torch"),

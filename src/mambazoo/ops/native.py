@@ -1,5 +1,5 @@
-"""Native CPU kernels (``csrc/``): the fused selective scan, the all-states scan, the causal depthwise conv1d and two
-inference epilogues (RMSNorm, the bidirectional gate), loaded with ctypes.
+"""Native CPU kernels (``csrc/``): the fused selective scan, the all-states scan, the causal depthwise conv1d, and
+for inference the bidirectional scan and two epilogues (RMSNorm, the bidirectional gate), loaded with ctypes.
 
 The shared library ``libmambazoo_native.so`` is built by ``setup.py`` (plain C + OpenMP, no Python or PyTorch
 headers). It holds every kernel once per instruction set -- ``avx512``, ``avx2`` (with FMA) and ``portable`` on
@@ -34,9 +34,9 @@ from .fused import A_SIGN_ERROR, FusedKernel, register_kernel
 from .fused_state_scan import StateKernel, register_state_kernel
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "ISA", "ISAS", "COMPILED_ISAS", "RUNNABLE_ISAS", "LIBRARY_PATH",
-           "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "active_isa", "describe", "use_isa", "scan_forward",
-           "scan_backward", "conv_forward", "conv_backward", "state_scan_forward", "state_scan_backward",
-           "rms_norm_forward", "gated_sum_forward"]
+           "CHUNK_SIZE", "MAX_STATE", "MAX_KERNEL", "MAX_RANK", "active_isa", "describe", "use_isa", "scan_forward",
+           "scan_backward", "bidirectional_scan_forward", "conv_forward", "conv_backward", "state_scan_forward",
+           "state_scan_backward", "rms_norm_forward", "gated_sum_forward"]
 
 CHUNK_SIZE = 64
 ISAS = ("avx512", "avx2", "portable")  # best first
@@ -64,6 +64,26 @@ class _ScanArgs(ctypes.Structure):
 
 class _ScanGrads(ctypes.Structure):
     _fields_ = [(name, _ptr) for name in ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")]
+
+
+class _ScanDirection(ctypes.Structure):
+    _fields_ = [
+        ("u", _ptr), ("u_batch_stride", _int64), ("u_length_stride", _int64),
+        ("dt_low_rank", _ptr), ("dt_batch_stride", _int64), ("dt_length_stride", _int64),
+        ("dt_weight", _ptr), ("dt_bias", _ptr), ("A_log", _ptr),
+        ("B", _ptr), ("B_batch_stride", _int64), ("B_length_stride", _int64),
+        ("C", _ptr), ("C_batch_stride", _int64), ("C_length_stride", _int64),
+        ("D", _ptr),
+    ]
+
+
+class _BidirectionalScanArgs(ctypes.Structure):
+    _fields_ = [
+        ("batch", _int64), ("length", _int64), ("dim", _int64), ("d_state", _int64), ("dt_rank", _int64),
+        ("forward", _ScanDirection), ("backward", _ScanDirection),
+        ("z", _ptr), ("z_batch_stride", _int64), ("z_length_stride", _int64),
+        ("scale", ctypes.c_float), ("n_threads", _int32),
+    ]
 
 
 class _StateScanArgs(ctypes.Structure):
@@ -101,12 +121,13 @@ class _GatedSumArgs(ctypes.Structure):
                 ("n_threads", _int32)]
 
 
-_SCAN_ARGS, _SCAN_GRADS, _STATE_ARGS, _STATE_GRADS, _CONV_ARGS, _RMS_ARGS, _GATE_ARGS = (
-    ctypes.POINTER(s) for s in (_ScanArgs, _ScanGrads, _StateScanArgs, _StateScanGrads, _ConvArgs, _RmsNormArgs,
-                                _GatedSumArgs))
+_SCAN_ARGS, _SCAN_GRADS, _BIDIRECTIONAL_ARGS, _STATE_ARGS, _STATE_GRADS, _CONV_ARGS, _RMS_ARGS, _GATE_ARGS = (
+    ctypes.POINTER(s) for s in (_ScanArgs, _ScanGrads, _BidirectionalScanArgs, _StateScanArgs, _StateScanGrads,
+                                _ConvArgs, _RmsNormArgs, _GatedSumArgs))
 _KERNELS = {  # entry point (without the ISA suffix) -> argument types; each returns an int
     "mz_scan_forward": [_SCAN_ARGS, _ptr, _ptr, _ptr],
     "mz_scan_backward": [_SCAN_ARGS, _ptr, _ptr, _ptr, _SCAN_GRADS],
+    "mz_scan_bidirectional": [_BIDIRECTIONAL_ARGS, _ptr],
     "mz_state_scan_forward": [_STATE_ARGS, _ptr],
     "mz_state_scan_backward": [_STATE_ARGS, _ptr, _ptr, _STATE_GRADS],
     "mz_conv_forward": [_CONV_ARGS, _ptr],
@@ -114,6 +135,7 @@ _KERNELS = {  # entry point (without the ISA suffix) -> argument types; each ret
     "mz_rms_norm": [_RMS_ARGS, _ptr],
     "mz_gated_sum": [_GATE_ARGS, _ptr],
     "mz_scan_max_state": [],
+    "mz_scan_max_rank": [],
     "mz_conv_max_kernel": [],
 }
 
@@ -191,6 +213,7 @@ _FUNCTIONS = _bind(_LIBRARY, ISA) if AVAILABLE else {}
 _active_isa = ISA
 MAX_STATE = _FUNCTIONS["mz_scan_max_state"]() if AVAILABLE else 0
 MAX_KERNEL = _FUNCTIONS["mz_conv_max_kernel"]() if AVAILABLE else 0
+MAX_RANK = _FUNCTIONS["mz_scan_max_rank"]() if AVAILABLE else 0
 
 
 def active_isa() -> Optional[str]:
@@ -306,6 +329,30 @@ def scan_backward(grad_y, grad_last_state, u, delta, A, B, C, D, z, delta_bias, 
                                           grad_y.data_ptr(), _address(grad_last_state), ctypes.byref(pointers)),
            "scan backward")
     return tuple(u.new_empty((0,)) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
+
+
+def _direction(direction) -> tuple[_ScanDirection, tuple]:
+    """Kernel view of a :class:`mambazoo.ops.bidirectional_scan.ScanDirection` plus the tensors it points into."""
+    u, dt_low_rank, B, C = (_prepare(t) for t in (direction.u, direction.dt_low_rank, direction.B, direction.C))
+    dt_weight, dt_bias, A_log, D = (_contiguous(t) for t in (direction.dt_weight, direction.dt_bias, direction.A_log,
+                                                             direction.D))
+    view = _ScanDirection(*_pointer_and_strides(u), *_pointer_and_strides(dt_low_rank), dt_weight.data_ptr(),
+                          _address(dt_bias), A_log.data_ptr(), *_pointer_and_strides(B), *_pointer_and_strides(C),
+                          _address(D))
+    return view, (u, dt_low_rank, B, C, dt_weight, dt_bias, A_log, D)
+
+
+def bidirectional_scan_forward(forward, backward, z: Tensor, scale: float) -> Tensor:
+    """((scan(forward) + scan(backward, reversed)) * SiLU(z)) * scale of float32 CPU directions (forward only)."""
+    _check_cpu(z, "z")
+    views = [_direction(direction) for direction in (forward, backward)]  # (view, tensors kept alive) each
+    z = _prepare(z)
+    batch, length, dim = z.shape
+    args = _BidirectionalScanArgs(batch, length, dim, forward.A_log.shape[1], forward.dt_weight.shape[1],
+                                  views[0][0], views[1][0], *_pointer_and_strides(z), scale, torch.get_num_threads())
+    y = torch.empty((batch, length, dim), dtype=torch.float32)
+    _check(_FUNCTIONS["mz_scan_bidirectional"](ctypes.byref(args), y.data_ptr()), "bidirectional scan")
+    return y
 
 
 def _state_scan_args(u, delta, A, B, delta_bias, delta_softplus: bool, reverse: bool) -> tuple[_StateScanArgs, tuple]:
