@@ -1,5 +1,5 @@
 """The native CPU kernels in one interleaved run: scan GFLOP/s per ISA against GEMM, the conv against a copy of the same
-bytes, the inference epilogues against their PyTorch composites, and Vim-Ti against DeiT-Ti (SDPA) images/s.
+bytes, the inference kernels against their composites, and Vim-Ti against DeiT-Ti (SDPA) images/s.
 
 Everything runs in one process, in interleaved rounds after one warm-up call each (a scan sample repeats its call for
 at least 20 ms); tables give medians over rounds, and every ratio is the median of per-round ratios, so drift in
@@ -11,15 +11,18 @@ machine load cancels (the method of docs/benchmarks.md).
   9·B·L·D·N per call (docs/scan_operation.md, FLOP convention) for the forward and for forward + backward alike.
 * Conv (Vim-Ti: D = 384, K = 4, bias, SiLU) through ``causal_conv1d`` per ISA, against ``copy_`` of the same tensor
   into a preallocated one (the bytes a conv must read and write: its bandwidth bound) in the same rounds.
-* Epilogues (Vim-Ti shapes at 224 and 1248 px): ``rms_norm`` of (1, L, 192) and ``gated_sum`` of three (1, L, 384)
-  tensors with scale 1/2, native (best ISA) against the PyTorch composite (``backend="torch"``), under
-  ``inference_mode``, each sample repeated for at least 20 ms.
+* Inference kernels (Vim-Ti shapes at 224 and 1248 px): ``rms_norm`` of (1, L, 192), ``gated_sum`` of three
+  (1, L, 384) tensors with scale 1/2, and ``bidirectional_scan`` (two directions of (1, L, 384), N = 16, dt_rank 12,
+  gate, scale 1/2), native (best ISA) against the composite (``backend="torch"`` for the epilogues; for the
+  bidirectional scan its two native ``selective_scan`` calls, step projections and native gate, i.e. what Vim ran
+  before), under ``inference_mode``, each sample repeated for at least 20 ms.
 * Vim-Ti vs DeiT-Ti (SDPA attention), batch 1, fp32, ``inference_mode``, at 224 and 1248 px: the best ISA, with the
-  minor page faults per image (the allocator's churn; docs/benchmarks.md, "Allocator").
+  minor page faults per image (the allocator's churn; docs/benchmarks.md, "Allocator"), in this process
+  (interleaved) and with one fresh process per model (``vim_cpu.speed_separate``).
 
-The forward's physical limit (docs/native.md): per state update and LANES channels the AVX-512 loop runs 14 vector
-instructions -- the decay exp(dt·A) is 10 of them (a multiply, round, subtract, compare, 5 FMAs of the polynomial,
-the power-of-two scale) and the update and the C contraction 3 more -- 9 of which compete for the two FMA pipes.
+The forward's physical limit (docs/native.md): per state update and LANES channels the AVX-512 loop runs 13 vector
+instructions -- the decay exp(dt·A) is 9 of them (a multiply, round, subtract, compare, 4 FMAs of the polynomial,
+the power-of-two scale) and the update and the C contraction 3 more -- 8 of which compete for the two FMA pipes.
 
 Usage: ``python benchmarks/native_cpu.py [--quick] [--rounds 5] [--threads 2] [--clock wall|cpu] [--label TEXT]
 [--output benchmarks/results/native_cpu.md]``
@@ -35,9 +38,9 @@ from typing import Callable, Optional
 
 import torch
 
-from mambazoo.ops import causal_conv1d, gated_sum, native, rms_norm, selective_scan
+from mambazoo.ops import ScanDirection, bidirectional_scan, causal_conv1d, gated_sum, native, rms_norm, selective_scan
 from scan import DIM, D_STATE, MATMUL_SIZE, machine_description, make_inputs, write_atomically
-from vim_cpu import allocator_description, speed
+from vim_cpu import allocator_description, speed, speed_separate
 
 SCAN_SHAPES = {"forward": [(1, 197), (1, 1025), (8, 1025), (1, 6085)], "forward+backward": [(1, 197), (1, 1025)]}
 QUICK_SCAN_SHAPES = {"forward": [(1, 197)], "forward+backward": [(1, 197)]}
@@ -164,15 +167,35 @@ def conv_table(lengths: tuple, rounds: int) -> list[str]:
     return lines
 
 
+DT_RANK = 12  # Vim-Ti: ceil(192 / 16)
+
+
+def scan_direction(length: int, generator: torch.Generator) -> ScanDirection:
+    """One direction of Vim-Ti's mixer at ``length`` tokens (dt_low_rank, B and C slices of one x_proj output)."""
+    projected = torch.randn(1, length, DT_RANK + 2 * D_STATE, generator=generator)
+    return ScanDirection(torch.randn(1, length, DIM, generator=generator), projected[..., :DT_RANK],
+                         torch.randn(DIM, DT_RANK, generator=generator) / DT_RANK ** 0.5,
+                         torch.randn(DIM, generator=generator) - 2.0,
+                         torch.arange(1, D_STATE + 1.0).log().repeat(DIM, 1), projected[..., DT_RANK:-D_STATE],
+                         projected[..., -D_STATE:], torch.ones(DIM))
+
+
 def epilogue_calls(length: int) -> dict[str, Callable[[], None]]:
-    """``rms_norm`` and ``gated_sum`` at Vim-Ti's widths on each backend, keyed "op|backend"."""
+    """``rms_norm``, ``gated_sum`` and ``bidirectional_scan`` at Vim-Ti's widths, native and composite, keyed
+    "op|backend" (the composite of the bidirectional scan: native scans, step projections and gate)."""
     generator = torch.Generator().manual_seed(1)
     x, weight = torch.randn(1, length, EMBED_DIM, generator=generator), torch.randn(EMBED_DIM, generator=generator)
     a, b, z = (torch.randn(1, length, DIM, generator=generator) for _ in range(3))
+    forward, backward = scan_direction(length, generator), scan_direction(length, generator)
     calls = {}
     for backend in ("native", "torch"):
         calls[f"rms_norm|{backend}"] = lambda backend=backend: rms_norm(x, weight, 1e-5, backend)
         calls[f"gated_sum|{backend}"] = lambda backend=backend: gated_sum(a, b, z, 0.5, backend)
+    calls["bidirectional_scan|native"] = lambda: bidirectional_scan(forward, backward, z, 0.5)
+    calls["bidirectional_scan|torch"] = lambda: gated_sum(*(
+        selective_scan(d.u, torch.nn.functional.linear(d.dt_low_rank, d.dt_weight), -torch.exp(d.A_log), d.B, d.C,
+                       d.D, delta_bias=d.dt_bias, reverse=reverse) for d, reverse in ((forward, False), (backward, True))),
+        z, 0.5)
     return calls
 
 
@@ -180,10 +203,10 @@ def epilogue_table(lengths: tuple, rounds: int) -> list[str]:
     calls = {f"{length}|{name}": call for length in lengths for name, call in epilogue_calls(length).items()}
     with torch.inference_mode():
         times = interleave(calls, rounds, SCAN_SAMPLE_SECONDS)
-    lines = ["| op | shape | native µs [min–max] | PyTorch composite µs [min–max] | composite / native |",
+    lines = ["| op | shape | native µs [min–max] | composite µs [min–max] | composite / native |",
              "|---|---|---|---|---|"]
     for length in lengths:
-        for op, width in (("rms_norm", EMBED_DIM), ("gated_sum", DIM)):
+        for op, width in (("rms_norm", EMBED_DIM), ("gated_sum", DIM), ("bidirectional_scan", DIM)):
             native_us, torch_us = ([1e6 * t for t in times[f"{length}|{op}|{backend}"]]
                                    for backend in ("native", "torch"))
             lines.append(f"| `{op}` | 1×{length}×{width} | {summary(native_us)} | {summary(torch_us)} | "
@@ -192,15 +215,16 @@ def epilogue_table(lengths: tuple, rounds: int) -> list[str]:
 
 
 def model_table(sizes: tuple, rounds: int) -> list[str]:
-    lines = ["| px | DeiT-Ti (SDPA) ms (img/s) | Vim-Ti ms (img/s) | Vim / DeiT img/s, median [min–max] | "
-             "page faults per image DeiT / Vim |", "|---|---|---|---|---|"]
-    for size in sizes:
-        result = speed(size, rounds)  # ~16 forwards per round at 224, 1 at 1248
-        deit, vim = result["ms"]["deit_tiny"], result["ms"]["vim_tiny"]
-        low, high = result["ratio_range"]
-        lines.append(f"| {size} | {deit:.1f} ({1e3 / deit:.2f}) | {vim:.1f} ({1e3 / vim:.2f}) | "
-                     f"x{result['ratio']:.2f} [{low:.2f}–{high:.2f}] | "
-                     f"{result['faults']['deit_tiny']:.0f} / {result['faults']['vim_tiny']:.0f} |")
+    lines = ["| px | protocol | DeiT-Ti (SDPA) ms (img/s) | Vim-Ti ms (img/s) | Vim / DeiT img/s, median [min–max] | "
+             "page faults per image DeiT / Vim |", "|---|---|---|---|---|---|"]
+    for size in sizes:  # ~16 forwards per round and model at 224, 1 at 1248
+        for protocol, result in (("this process, interleaved", speed(size, rounds)),
+                                 ("one process per model", speed_separate(size, rounds))):
+            deit, vim = result["ms"]["deit_tiny"], result["ms"]["vim_tiny"]
+            low, high = result["ratio_range"]
+            lines.append(f"| {size} | {protocol} | {deit:.1f} ({1e3 / deit:.2f}) | {vim:.1f} ({1e3 / vim:.2f}) | "
+                         f"x{result['ratio']:.2f} [{low:.2f}–{high:.2f}] | "
+                         f"{result['faults']['deit_tiny']:.0f} / {result['faults']['vim_tiny']:.0f} |")
     return lines
 
 
@@ -227,14 +251,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         ("Selective scan per ISA vs GEMM", scan_tables(QUICK_SCAN_SHAPES if args.quick else SCAN_SHAPES, args.rounds)),
         ("Causal conv1d vs a copy of the same bytes", conv_table(QUICK_CONV_LENGTHS if args.quick else CONV_LENGTHS,
                                                                   args.rounds)),
-        ("Inference epilogues vs their PyTorch composites", epilogue_table(
+        ("Inference kernels vs their composites", epilogue_table(
             QUICK_EPILOGUE_LENGTHS if args.quick else EPILOGUE_LENGTHS, args.rounds)),
         ("Vim-Ti vs DeiT-Ti (SDPA), batch 1", model_table(QUICK_MODEL_SIZES if args.quick else MODEL_SIZES,
                                                           args.rounds)),
     ]
     command = shlex.join(["python", "benchmarks/native_cpu.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
-        "# Native CPU kernels: scan per ISA, conv vs copy, epilogues, Vim-Ti vs DeiT-Ti", "",
+        "# Native CPU kernels: scan per ISA, conv vs copy, inference kernels, Vim-Ti vs DeiT-Ti", "",
         *([f"**{args.label}**", ""] if args.label else []),
         f"Produced by `{command}`: one process, {args.rounds} interleaved rounds after one warm-up; medians, ratios "
         f"are medians of per-round ratios (method in the script's docstring); {args.clock} clock.", "",

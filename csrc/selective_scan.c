@@ -22,6 +22,9 @@
 #include "kernel.h"
 
 #define MAX_STATE 16
+/* Steps whose step sizes are computed ahead of their state updates: the softplus is a long dependency chain that,
+ * interleaved with the updates of each step, stalls them (1.2x the forward's speed with groups of 4 to 16). */
+#define STEP_GROUP 8
 
 /* Pointers and per-block constants of one (batch, channel block) work item. */
 typedef struct {
@@ -115,15 +118,18 @@ INLINE void forward_block(const mz_scan_args *a, const block_view *view, const i
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
         store_state(chunk_states + (v.batch * n_chunks + chunk) * a->dim * N, &v, N, h);
         int64_t end = min_i64((chunk + 1) * a->chunk_size, a->length);
-        for (int64_t step = chunk * a->chunk_size; step < end; ++step) {
-            int64_t t = time_index(a, step);
-            vfloat dt = step_size(&v, t, softplus_on, lanes);
-            vfloat u = load_lanes(v.u + t * v.step_u, lanes);
-            vfloat du = dt * u;
-            vfloat out = update_state(h, A2, dt, du, v.B + t * v.step_B, v.C + t * v.step_C, N, softplus_on,
-                                      v.has_skip ? v.skip * u : splat(0.0f));
-            if (v.z) out *= silu(load_lanes(v.z + t * v.step_z, lanes));
-            store_lanes(y + (v.batch * a->length + t) * a->dim + v.first_channel, out, lanes);
+        for (int64_t start = chunk * a->chunk_size; start < end; start += STEP_GROUP) {
+            int count = (int)min_i64(STEP_GROUP, end - start);
+            vfloat dts[STEP_GROUP];
+            for (int i = 0; i < count; ++i) dts[i] = step_size(&v, time_index(a, start + i), softplus_on, lanes);
+            for (int i = 0; i < count; ++i) {
+                int64_t t = time_index(a, start + i);
+                vfloat u = load_lanes(v.u + t * v.step_u, lanes);
+                vfloat out = update_state(h, A2, dts[i], dts[i] * u, v.B + t * v.step_B, v.C + t * v.step_C, N,
+                                          softplus_on, v.has_skip ? v.skip * u : splat(0.0f));
+                if (v.z) out *= silu(load_lanes(v.z + t * v.step_z, lanes));
+                store_lanes(y + (v.batch * a->length + t) * a->dim + v.first_channel, out, lanes);
+            }
         }
     }
     store_state(last_state + v.batch * a->dim * N, &v, N, h);
@@ -142,12 +148,13 @@ typedef struct {
 /* Re-run one chunk from its entering state (s->states[0..N)), keeping every state, decay and step size. */
 INLINE void recompute_chunk(const mz_scan_args *a, const block_view *v, const int N, const int softplus_on,
                             const vfloat *A2, int64_t start, int64_t end, thread_scratch *s) {
+    for (int64_t step = start; step < end; ++step) /* all step sizes first (see STEP_GROUP) */
+        s->steps[step - start] = step_size(v, time_index(a, step), softplus_on, v->lanes);
     for (int64_t step = start; step < end; ++step) {
         int64_t t = time_index(a, step), i = step - start;
-        vfloat dt = step_size(v, t, softplus_on, v->lanes);
+        vfloat dt = s->steps[i];
         vfloat du = dt * load_lanes(v->u + t * v->step_u, v->lanes);
         const float *Bt = v->B + t * v->step_B;
-        s->steps[i] = dt;
 #pragma GCC unroll 16
         for (int n = 0; n < N; ++n) {
             vfloat decay = decay_of(dt, A2[n], softplus_on);
@@ -187,22 +194,23 @@ INLINE void backward_chunk(const mz_scan_args *a, int64_t item, int64_t chunk, c
             dout = dy * (z * z_sigmoid);
         }
         const float *Bt = v.B + t * v.step_B, *Ct = v.C + t * v.step_C;
-        vfloat du = dt * u, out = v.has_skip ? v.skip * u : splat(0.0f), adj_B = splat(0.0f), ddt = splat(0.0f);
+        vfloat du = dt * u, zero = splat(0.0f);
+        vfloat out[2] = {v.has_skip ? v.skip * u : zero, zero}, adj_Bs[2] = {zero, zero}, ddts[2] = {zero, zero};
 #pragma GCC unroll 16
-        for (int n = 0; n < N; ++n) {
+        for (int n = 0; n < N; ++n) { /* sums over n in two chains each: half the latency */
             vfloat state = s->states[(i + 1) * N + n], previous = s->states[i * N + n];
             vfloat decay = s->decays[i * N + n];
-            out += state * Ct[n];
+            out[n & 1] += state * Ct[n];
             wC[n] = dout * state;
             adj[n] += dout * Ct[n];
             wB[n] = adj[n] * du;
-            adj_B += adj[n] * Bt[n];
+            adj_Bs[n & 1] += adj[n] * Bt[n];
             vfloat d_log_decay = adj[n] * previous * decay;
-            ddt += d_log_decay * A[n];
+            ddts[n & 1] += d_log_decay * A[n];
             dA[n] += d_log_decay * dt;
             adj[n] = decay * adj[n];
         }
-        ddt += u * adj_B;
+        vfloat adj_B = adj_Bs[0] + adj_Bs[1], ddt = ddts[0] + ddts[1] + u * adj_B;
         if (softplus_on) ddt *= sigmoid(load_lanes(v.delta + t * v.step_delta, v.lanes) + v.bias);
         c->dbias += ddt;
         vfloat du_grad = dt * adj_B;
@@ -214,7 +222,7 @@ INLINE void backward_chunk(const mz_scan_args *a, int64_t item, int64_t chunk, c
         store_lanes(g->ddelta + row * a->dim + v.first_channel, ddt, v.lanes);
         if (v.z) {
             vfloat dsilu = z_sigmoid * (1.0f + z * (1.0f - z_sigmoid));
-            store_lanes(g->dz + row * a->dim + v.first_channel, dy * out * dsilu, v.lanes);
+            store_lanes(g->dz + row * a->dim + v.first_channel, dy * (out[0] + out[1]) * dsilu, v.lanes);
         }
         if (v.lanes < LANES) { /* lanes past dim hold 0 * inf = NaN when an input is infinite: leave them out */
             for (int n = 0; n < N; ++n) {
@@ -473,16 +481,21 @@ INLINE void bidirectional_block(const mz_bidirectional_scan_args *a, int64_t ite
     for (int backward = 0; backward < 2; ++backward) {
         make_direction_view(a, backward ? &a->backward : &a->forward, batch, first, lanes, &v);
         for (int n = 0; n < N; ++n) h[n] = splat(0.0f);
-        for (int64_t step = 0; step < a->length; ++step) {
-            int64_t t = backward ? a->length - 1 - step : step;
-            vfloat dt = projected_step(&v, t, R);
-            vfloat u = load_lanes(v.u + t * v.step_u, lanes);
-            vfloat y_t = update_state(h, v.A2, dt, dt * u, v.B + t * v.step_B, v.C + t * v.step_C, N, 1,
-                                      v.has_skip ? v.skip * u : splat(0.0f));
-            if (backward)
-                y_t = ((load_lanes(out + t * a->dim, lanes) + y_t) * silu(load_lanes(z + t * a->z_length_stride, lanes)))
-                      * a->scale;
-            store_lanes(out + t * a->dim, y_t, lanes);
+        for (int64_t start = 0; start < a->length; start += STEP_GROUP) {
+            int count = (int)min_i64(STEP_GROUP, a->length - start);
+            vfloat dts[STEP_GROUP];
+            for (int i = 0; i < count; ++i)
+                dts[i] = projected_step(&v, backward ? a->length - 1 - (start + i) : start + i, R);
+            for (int i = 0; i < count; ++i) {
+                int64_t t = backward ? a->length - 1 - (start + i) : start + i;
+                vfloat u = load_lanes(v.u + t * v.step_u, lanes);
+                vfloat y_t = update_state(h, v.A2, dts[i], dts[i] * u, v.B + t * v.step_B, v.C + t * v.step_C, N, 1,
+                                          v.has_skip ? v.skip * u : splat(0.0f));
+                if (backward)
+                    y_t = ((load_lanes(out + t * a->dim, lanes) + y_t) *
+                           silu(load_lanes(z + t * a->z_length_stride, lanes))) * a->scale;
+                store_lanes(out + t * a->dim, y_t, lanes);
+            }
         }
     }
 }

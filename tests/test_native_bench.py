@@ -28,11 +28,14 @@ def test_quick_native_benchmark_writes_every_table(tmp_path: Path, monkeypatch) 
     script.main(["--quick", "--rounds", "1", "--output", str(tmp_path / "native.md")])
     text = (tmp_path / "native.md").read_text()
     for title in ("Selective scan per ISA vs GEMM", "Causal conv1d vs a copy of the same bytes",
-                  "Inference epilogues vs their PyTorch composites", "Vim-Ti vs DeiT-Ti (SDPA), batch 1"):
+                  "Inference kernels vs their composites", "Vim-Ti vs DeiT-Ti (SDPA), batch 1"):
         assert f"## {title}" in text
     assert "* allocator: MALLOC_MMAP_THRESHOLD_=1048576" in text
-    epilogue_rows = [line for line in text.splitlines() if line.startswith(("| `rms_norm`", "| `gated_sum`"))]
-    assert len(epilogue_rows) == 2 and all("1×197×" in row for row in epilogue_rows)
-    model_row = next(line for line in text.splitlines() if line.startswith("| 224 |"))
-    faults = model_row.rstrip(" |").rsplit("|", 1)[1].split("/")
-    assert len(faults) == 2 and all(int(count) >= 0 for count in faults)  # DeiT / Vim page faults per image
+    kernel_rows = [line for line in text.splitlines()
+                   if line.startswith(("| `rms_norm`", "| `gated_sum`", "| `bidirectional_scan`"))]
+    assert len(kernel_rows) == 3 and all("1×197×" in row for row in kernel_rows)
+    model_rows = [line for line in text.splitlines() if line.startswith("| 224 |")]
+    assert [row.split("|")[2].strip() for row in model_rows] == ["this process, interleaved", "one process per model"]
+    for row in model_rows:
+        faults = row.rstrip(" |").rsplit("|", 1)[1].split("/")
+        assert len(faults) == 2 and all(int(count) >= 0 for count in faults)  # DeiT / Vim page faults per image
