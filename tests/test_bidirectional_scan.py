@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mambazoo.ops import ScanDirection, bidirectional_scan, native
+from threading_helpers import results_per_thread_count
 
 needs_native = pytest.mark.skipif(not native.AVAILABLE,
                                   reason=f"native kernels unavailable: {native.UNAVAILABLE_REASON}")
@@ -132,14 +133,7 @@ def test_native_non_finite_inputs_like_the_reference(value, direction, field):
 @needs_native
 def test_native_is_bitwise_identical_for_any_thread_count():
     forward, backward, z = make_inputs(2, 50, 100, 16, 7)
-    previous = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(run_native(forward, backward, z))
-    finally:
-        torch.set_num_threads(previous)
+    results = results_per_thread_count(lambda: run_native(forward, backward, z))
     assert all(torch.equal(results[0], other) for other in results[1:])
 
 

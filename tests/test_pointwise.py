@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mambazoo.ops import gated_sum, native, rms_norm
+from threading_helpers import results_per_thread_count
 
 needs_native = pytest.mark.skipif(not native.AVAILABLE,
                                   reason=f"native kernels unavailable: {native.UNAVAILABLE_REASON}")
@@ -92,15 +93,8 @@ def test_native_gated_sum_non_finite_like_torch(name, value):
 @needs_native
 def test_native_rms_norm_is_bitwise_identical_for_any_thread_count():
     x, weight = torch.randn(600, 192), torch.randn(192)
-    previous = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            with torch.inference_mode():
-                results.append(rms_norm(x, weight, backend="native"))
-    finally:
-        torch.set_num_threads(previous)
+    with torch.inference_mode():
+        results = results_per_thread_count(lambda: rms_norm(x, weight, backend="native"))
     assert all(torch.equal(results[0], other) for other in results[1:])
 
 

@@ -69,12 +69,16 @@ def _check_direction(name: str, direction: ScanDirection, shape: torch.Size) -> 
                              f"{tuple(tensor.shape)}")
 
 
+def _optional_fp32(tensor: Optional[Tensor]) -> Optional[Tensor]:
+    return None if tensor is None else at_least_fp32(tensor)
+
+
 def _scan(direction: ScanDirection, reverse: bool, backend: str) -> Tensor:
+    """One direction through :func:`selective_scan` (the composite's step)."""
     delta = F.linear(direction.dt_low_rank, direction.dt_weight)  # the bias is added inside the scan
-    optional = (None if t is None else at_least_fp32(t) for t in (direction.D, direction.dt_bias))
-    D, dt_bias = optional
-    return selective_scan(direction.u, delta, -torch.exp(at_least_fp32(direction.A_log)), direction.B, direction.C, D,
-                          delta_bias=dt_bias, delta_softplus=True, reverse=reverse, backend=backend)
+    return selective_scan(direction.u, delta, -torch.exp(at_least_fp32(direction.A_log)), direction.B, direction.C,
+                          _optional_fp32(direction.D), delta_bias=_optional_fp32(direction.dt_bias),
+                          delta_softplus=True, reverse=reverse, backend=backend)
 
 
 def _native_runs(forward: ScanDirection, backward: ScanDirection, z: Tensor, backend: str) -> bool:
